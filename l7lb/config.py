@@ -1,0 +1,771 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+The configuration file, read once into frozen values.
+
+Nothing else in l7lb reads the INI file. L{load} returns a L{Config} or
+raises L{ConfigError} carrying every problem found, one line each, naming
+the file, the section and the key, so an operator fixes them all in one go.
+"""
+
+from __future__ import annotations
+
+import configparser
+import ipaddress
+import math
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from twisted.internet.endpoints import serverFromString
+
+from l7lb import units
+from l7lb.paths import BadTarget, normalise_path
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+BALANCE_STRATEGIES = ("round_robin", "weighted_round_robin", "least_connections")
+
+T = TypeVar("T")
+U = TypeVar("U")
+
+
+class ConfigError(Exception):
+    """
+    The configuration cannot be used; C{problems} holds one line per problem.
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """
+    One backend server of a pool, as written in its C{servers} list.
+    """
+
+    url: str
+    scheme: str
+    host: str
+    port: int
+    weight: int = 1
+
+    @property
+    def address(self) -> str:
+        """
+        C{host:port}, the name logs and the access log use for this backend.
+        """
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheckConfig:
+    """
+    Active health checks of a pool's backends.
+    """
+
+    path: str
+    interval: float = 10.0
+    timeout: float = 2.0
+    status_low: int = 200
+    status_high: int = 399
+    rise: int = 2
+    fall: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    """
+    A named set of backends and how requests are spread over them.
+    """
+
+    name: str
+    servers: tuple[ServerConfig, ...]
+    balance: str = "round_robin"
+    health: HealthCheckConfig | None = None
+    connect_timeout: float = 3.0
+    response_timeout: float = 30.0
+    keepalive_connections: int = 256
+    keepalive_timeout: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    """
+    A token bucket: C{rate} tokens per second, at most C{burst} saved up.
+    """
+
+    rate: float
+    burst: int
+    key: str = "client_ip"
+    text: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """
+    Which requests go to which pool. A condition left as C{None} always holds.
+    """
+
+    name: str
+    pool: str
+    path_prefix: bytes | None = None
+    host: str | None = None
+    methods: frozenset[bytes] | None = None
+    header: tuple[bytes, bytes] | None = None
+    strip_prefix: bool = False
+    rate_limit: RateLimitConfig | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TLSConfig:
+    """
+    Certificates and protocol settings for the C{tls_listen} endpoints.
+    """
+
+    certificates: tuple[str, ...]
+    min_version: str = "TLSv1.2"
+    alpn: tuple[str, ...] = ("h2", "http/1.1")
+
+
+@dataclass(frozen=True, slots=True)
+class LBConfig:
+    """
+    The C{[lb]} section: listeners and process-wide limits.
+    """
+
+    listen: tuple[str, ...] = ()
+    tls_listen: tuple[str, ...] = ()
+    access_log: str | None = "-"
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    max_header_size: int = 16 * 1024
+    max_uri_length: int = 8 * 1024
+    max_body_size: int = 100 * 1024 * 1024
+    keepalive_timeout: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """
+    The whole configuration. C{notices} lists what was accepted but has no
+    effect (yet), so that nothing in the file is silently ignored.
+    """
+
+    source: str
+    lb: LBConfig
+    pools: tuple[PoolConfig, ...]
+    routes: tuple[RouteConfig, ...]
+    tls: TLSConfig | None = None
+    notices: tuple[str, ...] = field(default=())
+
+    def pool(self, name: str) -> PoolConfig:
+        for pool in self.pools:
+            if pool.name == name:
+                return pool
+        raise KeyError(name)
+
+
+def load(path: str) -> Config:
+    """
+    Read and validate the file at C{path}.
+
+    @raise ConfigError: with every problem found.
+    """
+    parser = configparser.ConfigParser(
+        interpolation=None,
+        comment_prefixes=("#", ";"),
+        inline_comment_prefixes=("#", ";"),
+        strict=True,
+        default_section="\x00no default section",
+    )
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f, source=path)
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read the file: {e.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: the file is not UTF-8 text"]) from None
+    except configparser.Error as e:
+        message = " ".join(str(e).split())
+        raise ConfigError([f"{path}: {message}"]) from None
+    return _Reader(path, parser).read()
+
+
+_KNOWN_POOL_KEYS = frozenset(
+    {
+        "servers",
+        "balance",
+        "health_path",
+        "health_interval",
+        "health_timeout",
+        "health_status",
+        "rise",
+        "fall",
+        "connect_timeout",
+        "response_timeout",
+        "keepalive_connections",
+        "keepalive_timeout",
+    }
+)
+_KNOWN_ROUTE_KEYS = frozenset(
+    {
+        "path_prefix",
+        "host",
+        "methods",
+        "header",
+        "pool",
+        "strip_prefix",
+        "rate_limit",
+        "burst",
+        "rate_limit_key",
+    }
+)
+_KNOWN_LB_KEYS = frozenset(
+    {
+        "listen",
+        "tls_listen",
+        "access_log",
+        "trusted_proxies",
+        "max_header_size",
+        "max_uri_length",
+        "max_body_size",
+        "keepalive_timeout",
+    }
+)
+_KNOWN_TLS_KEYS = frozenset({"certificates", "min_version", "alpn"})
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HOST_NAME = re.compile(
+    r"(\*\.)?([a-z0-9]([a-z0-9-]*[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*"
+)
+_SERVER_URL = re.compile(r"(https?)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})/?")
+
+
+class _Reader:
+    """
+    Walks the parsed INI sections, collecting values and problems.
+    """
+
+    def __init__(self, path: str, parser: configparser.ConfigParser) -> None:
+        self.path = path
+        self.base = os.path.dirname(os.path.abspath(path))
+        self.parser = parser
+        self.problems: list[str] = []
+        self.notices: list[str] = []
+
+    def problem(self, section: str, key: str | None, message: str) -> None:
+        where = f"[{section}] {key}" if key else f"[{section}]"
+        self.problems.append(f"{self.path}: {where}: {message}")
+
+    def notice(self, section: str, key: str | None, message: str) -> None:
+        where = f"[{section}] {key}" if key else f"[{section}]"
+        self.notices.append(f"{where}: {message}")
+
+    def value(
+        self,
+        section: str,
+        key: str,
+        parse: Callable[[str], T],
+        default: U,
+    ) -> T | U:
+        """
+        The parsed value of C{key}, or C{default} when it is absent or bad
+        (a bad one is recorded as a problem).
+        """
+        text = self.parser.get(section, key, fallback=None)
+        if text is None:
+            return default
+        try:
+            return parse(text)
+        except ValueError as e:
+            self.problem(section, key, str(e))
+            return default
+
+    def read(self) -> Config:
+        lb = LBConfig()
+        tls = None
+        pools: list[PoolConfig] = []
+        routes: list[RouteConfig] = []
+        for section in self.parser.sections():
+            kind, _, name = section.partition(":")
+            if section == "lb":
+                lb = self.read_lb(section)
+            elif section == "tls":
+                tls = self.read_tls(section)
+            elif kind == "pool" and name:
+                pools.append(self.read_pool(section, name))
+            elif kind == "route" and name:
+                routes.append(self.read_route(section, name))
+            else:
+                self.problem(
+                    section,
+                    None,
+                    "unknown section "
+                    "(expected [lb], [tls], [pool:NAME] or [route:NAME])",
+                )
+        if not self.parser.has_section("lb"):
+            self.problems.append(f"{self.path}: [lb]: missing section")
+        self.check_whole(lb, tls, pools, routes)
+        if self.problems:
+            raise ConfigError(self.problems)
+        return Config(
+            source=self.path,
+            lb=lb,
+            pools=tuple(pools),
+            routes=tuple(routes),
+            tls=tls,
+            notices=tuple(self.notices),
+        )
+
+    def unknown_keys(self, section: str, known: frozenset[str]) -> None:
+        for key in self.parser.options(section):
+            if key not in known:
+                self.problem(
+                    section, key, f"unknown key (known: {', '.join(sorted(known))})"
+                )
+
+    def read_lb(self, section: str) -> LBConfig:
+        self.unknown_keys(section, _KNOWN_LB_KEYS)
+        listen = tuple(self.value(section, "listen", self.endpoints, ()))
+        tls_listen = tuple(self.value(section, "tls_listen", self.endpoints, ()))
+        if not any(
+            self.parser.has_option(section, k) for k in ("listen", "tls_listen")
+        ):
+            self.problem(section, "listen", "no listen or tls_listen endpoint given")
+        return LBConfig(
+            listen=listen,
+            tls_listen=tls_listen,
+            access_log=self.value(section, "access_log", self.access_log, "-"),
+            trusted_proxies=tuple(
+                self.value(section, "trusted_proxies", _networks, ())
+            ),
+            max_header_size=self.value(
+                section, "max_header_size", _size_at_least(1024), 16 * 1024
+            ),
+            max_uri_length=self.value(
+                section, "max_uri_length", _size_at_least(256), 8 * 1024
+            ),
+            max_body_size=self.value(
+                section, "max_body_size", _size_at_least(0), 100 * 1024 * 1024
+            ),
+            keepalive_timeout=self.value(
+                section, "keepalive_timeout", _positive_duration, 60.0
+            ),
+        )
+
+    def endpoints(self, text: str) -> list[str]:
+        descriptions = units.parse_list(text)
+        for description in descriptions:
+            try:
+                serverFromString(None, description)
+            except (ValueError, TypeError, KeyError, OSError) as e:
+                raise ValueError(
+                    f"{description!r} is not a Twisted server endpoint string "
+                    f"(like tcp:8080:interface=127.0.0.1): {e}"
+                ) from None
+        if not descriptions:
+            raise ValueError("expected one or more endpoint strings")
+        return descriptions
+
+    def access_log(self, text: str) -> str | None:
+        text = text.strip()
+        if text == "-":
+            return "-"
+        if text.lower() == "off":
+            return None
+        return self.relative(text)
+
+    def relative(self, path: str) -> str:
+        return os.path.normpath(os.path.join(self.base, path))
+
+    def read_tls(self, section: str) -> TLSConfig:
+        self.unknown_keys(section, _KNOWN_TLS_KEYS)
+        certificates = tuple(self.value(section, "certificates", self.files, ()))
+        if not self.parser.has_option(section, "certificates"):
+            self.problem(section, "certificates", "at least one PEM file is needed")
+        min_version = self.value(
+            section, "min_version", _one_of("TLSv1.2", "TLSv1.3"), "TLSv1.2"
+        )
+        alpn = tuple(self.value(section, "alpn", _alpn, ("h2", "http/1.1")))
+        return TLSConfig(certificates, min_version, alpn)
+
+    def files(self, text: str) -> list[str]:
+        paths = [self.relative(p) for p in units.parse_list(text)]
+        if not paths:
+            raise ValueError("at least one PEM file is needed")
+        for path in paths:
+            if not os.access(path, os.R_OK):
+                raise ValueError(f"cannot read {path}")
+        return paths
+
+    def read_pool(self, section: str, name: str) -> PoolConfig:
+        self.unknown_keys(section, _KNOWN_POOL_KEYS)
+        servers = tuple(self.value(section, "servers", _servers, ()))
+        if not self.parser.has_option(section, "servers"):
+            self.problem(
+                section, "servers", "missing: a pool needs at least one server"
+            )
+        balance = self.value(
+            section, "balance", _one_of(*BALANCE_STRATEGIES), "round_robin"
+        )
+        if balance == "round_robin" and any(s.weight != 1 for s in servers):
+            self.notice(
+                section,
+                "servers",
+                "weights have no effect with balance = round_robin "
+                "(use weighted_round_robin)",
+            )
+        return PoolConfig(
+            name=name,
+            servers=servers,
+            balance=balance,
+            health=self.read_health(section),
+            connect_timeout=self.value(
+                section, "connect_timeout", _positive_duration, 3.0
+            ),
+            response_timeout=self.value(
+                section, "response_timeout", _positive_duration, 30.0
+            ),
+            keepalive_connections=self.value(
+                section,
+                "keepalive_connections",
+                lambda t: units.parse_int(t, 0, 100_000),
+                256,
+            ),
+            keepalive_timeout=self.value(
+                section, "keepalive_timeout", _positive_duration, 60.0
+            ),
+        )
+
+    def read_health(self, section: str) -> HealthCheckConfig | None:
+        keys = ("health_interval", "health_timeout", "health_status", "rise", "fall")
+        path = self.value(section, "health_path", _health_path, None)
+        if path is None:
+            for key in keys:
+                if self.parser.has_option(section, key):
+                    self.notice(section, key, "has no effect without health_path")
+            return None
+        low, high = self.value(section, "health_status", _status_range, (200, 399))
+        return HealthCheckConfig(
+            path=path,
+            interval=self.value(section, "health_interval", _positive_duration, 10.0),
+            timeout=self.value(section, "health_timeout", _positive_duration, 2.0),
+            status_low=low,
+            status_high=high,
+            rise=self.value(section, "rise", lambda t: units.parse_int(t, 1, 1000), 2),
+            fall=self.value(section, "fall", lambda t: units.parse_int(t, 1, 1000), 3),
+        )
+
+    def read_route(self, section: str, name: str) -> RouteConfig:
+        self.unknown_keys(section, _KNOWN_ROUTE_KEYS)
+        pool = self.parser.get(section, "pool", fallback="").strip()
+        if not pool:
+            self.problem(section, "pool", "missing: a route must name a pool")
+        path_prefix = self.value(section, "path_prefix", _path_prefix, None)
+        strip_prefix = self.value(section, "strip_prefix", units.parse_bool, False)
+        if strip_prefix and path_prefix is None:
+            self.notice(section, "strip_prefix", "has no effect without path_prefix")
+        return RouteConfig(
+            name=name,
+            pool=pool,
+            path_prefix=path_prefix,
+            host=self.value(section, "host", _host_pattern, None),
+            methods=self.value(section, "methods", _methods, None),
+            header=self.value(section, "header", _header_condition, None),
+            strip_prefix=strip_prefix,
+            rate_limit=self.read_rate_limit(section),
+        )
+
+    def read_rate_limit(self, section: str) -> RateLimitConfig | None:
+        text = self.parser.get(section, "rate_limit", fallback=None)
+        rate = self.value(section, "rate_limit", units.parse_rate, None)
+        if rate is None:
+            for key in ("burst", "rate_limit_key"):
+                if self.parser.has_option(section, key):
+                    self.notice(section, key, "has no effect without rate_limit")
+            return None
+        burst = self.value(
+            section,
+            "burst",
+            lambda t: units.parse_int(t, 1),
+            max(1, math.ceil(rate)),
+        )
+        key = self.value(section, "rate_limit_key", _rate_limit_key, "client_ip")
+        self.notice(
+            section,
+            "rate_limit",
+            "parsed but not enforced yet (rate limiting is planned)",
+        )
+        return RateLimitConfig(rate, burst, key, (text or "").strip())
+
+    def check_whole(
+        self,
+        lb: LBConfig,
+        tls: TLSConfig | None,
+        pools: list[PoolConfig],
+        routes: list[RouteConfig],
+    ) -> None:
+        """
+        Problems that only show when sections are seen together.
+        """
+        names = {pool.name for pool in pools}
+        for route in routes:
+            if route.pool and route.pool not in names:
+                self.problem(
+                    f"route:{route.name}",
+                    "pool",
+                    f"names pool {route.pool!r}, "
+                    f"which has no [pool:{route.pool}] section",
+                )
+        used = {route.pool for route in routes}
+        for pool in pools:
+            if pool.name not in used:
+                self.notice(f"pool:{pool.name}", None, "no route sends requests here")
+        if not routes:
+            self.problems.append(
+                f"{self.path}: no [route:NAME] section: every request would get 404"
+            )
+        if lb.tls_listen and tls is None:
+            self.problem("lb", "tls_listen", "needs a [tls] section with certificates")
+        if lb.tls_listen:
+            self.notice(
+                "lb",
+                "tls_listen",
+                "parsed but not served yet (TLS termination is planned); "
+                "these endpoints are not opened",
+            )
+        elif tls is not None:
+            self.notice("tls", None, "has no effect without tls_listen in [lb]")
+        for pool in pools:
+            if any(server.scheme == "https" for server in pool.servers):
+                self.problem(
+                    f"pool:{pool.name}",
+                    "servers",
+                    "https:// backends are not supported yet (use http://)",
+                )
+
+
+def _servers(text: str) -> list[ServerConfig]:
+    """
+    One server per line: a URL and optional C{weight=N}.
+    """
+    servers: list[ServerConfig] = []
+    seen: set[str] = set()
+    for token in text.split():
+        if "=" in token and "://" not in token:
+            if not servers:
+                raise ValueError(f"{token!r} comes before any server URL")
+            servers[-1] = _server_option(servers[-1], token)
+            continue
+        match = _SERVER_URL.fullmatch(token)
+        if match is None:
+            raise ValueError(
+                f"{token!r} is not a server URL (expected http://HOST:PORT [weight=N])"
+            )
+        scheme, host, port = (
+            match.group(1),
+            match.group(2).strip("[]"),
+            int(match.group(3)),
+        )
+        if not 0 < port < 65536:
+            raise ValueError(f"{token!r}: port {port} is out of range")
+        if ":" in host:
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                raise ValueError(
+                    f"{token!r}: {host!r} is not an IPv6 address"
+                ) from None
+        server = ServerConfig(f"{scheme}://{match.group(2)}:{port}", scheme, host, port)
+        if server.url in seen:
+            raise ValueError(f"{server.url} is listed twice")
+        seen.add(server.url)
+        servers.append(server)
+    if not servers:
+        raise ValueError("expected at least one server URL")
+    return servers
+
+
+def _server_option(server: ServerConfig, token: str) -> ServerConfig:
+    key, _, value = token.partition("=")
+    if key == "weight":
+        try:
+            weight = units.parse_int(value, 1, 1000)
+        except ValueError as e:
+            raise ValueError(f"{server.url} weight: {e}") from None
+        return ServerConfig(server.url, server.scheme, server.host, server.port, weight)
+    raise ValueError(f"{server.url}: unknown server option {key!r} (known: weight)")
+
+
+def _one_of(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        word = text.strip()
+        if word not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {word!r}")
+        return word
+
+    return parse
+
+
+def _size_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        size = units.parse_size(text)
+        if size < minimum:
+            raise ValueError(f"expected at least {minimum} bytes, got {size}")
+        return size
+
+    return parse
+
+
+def _positive_duration(text: str) -> float:
+    seconds = units.parse_duration(text)
+    if seconds <= 0:
+        raise ValueError(f"expected a duration above zero, got {text.strip()!r}")
+    return seconds
+
+
+def _networks(text: str) -> list[IPNetwork]:
+    networks = []
+    for item in units.parse_list(text):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(
+                f"{item!r} is not an IP address or CIDR block (like 10.0.0.0/8)"
+            ) from None
+    return networks
+
+
+def _alpn(text: str) -> list[str]:
+    protocols = units.parse_list(text)
+    for protocol in protocols:
+        if protocol not in ("h2", "http/1.1"):
+            raise ValueError(f"expected h2 and/or http/1.1, got {protocol!r}")
+    if not protocols:
+        raise ValueError("expected h2 and/or http/1.1")
+    return protocols
+
+
+def _health_path(text: str) -> str:
+    path = text.strip()
+    if not path.startswith("/") or any(c.isspace() for c in path):
+        raise ValueError(f"expected a path starting with /, got {path!r}")
+    return path
+
+
+def _status_range(text: str) -> tuple[int, int]:
+    low, sep, high = text.strip().partition("-")
+    if not sep:
+        high = low
+    if not (low.isdigit() and high.isdigit()):
+        raise ValueError(f"expected a status range like 200-399, got {text.strip()!r}")
+    lo, hi = int(low), int(high)
+    if not 100 <= lo <= hi <= 599:
+        raise ValueError(f"expected statuses within 100-599, low first, got {lo}-{hi}")
+    return lo, hi
+
+
+def _path_prefix(text: str) -> bytes:
+    prefix = text.strip()
+    if not prefix.startswith("/") or "?" in prefix or "#" in prefix:
+        raise ValueError(f"expected a path starting with /, got {prefix!r}")
+    try:
+        normal = normalise_path(prefix.encode("utf-8"))
+    except BadTarget as e:
+        raise ValueError(f"{prefix!r} is not a usable path: {e}") from None
+    if len(normal) > 1:
+        normal = normal.rstrip(b"/")
+    return normal
+
+
+def _host_pattern(text: str) -> str:
+    host = text.strip().lower()
+    if not _HOST_NAME.fullmatch(host):
+        raise ValueError(
+            f"expected a host name like api.example.com or *.example.com, got {host!r}"
+        )
+    return host
+
+
+def _methods(text: str) -> frozenset[bytes]:
+    methods = units.parse_list(text)
+    for method in methods:
+        if not _TOKEN.fullmatch(method):
+            raise ValueError(f"{method!r} is not an HTTP method name")
+    if not methods:
+        raise ValueError("expected one or more method names like GET POST")
+    return frozenset(m.upper().encode("ascii") for m in methods)
+
+
+def _header_condition(text: str) -> tuple[bytes, bytes]:
+    name, sep, value = text.partition(":")
+    name, value = name.strip(), value.strip()
+    if not sep or not _TOKEN.fullmatch(name) or not value:
+        raise ValueError(f"expected 'Header-Name: value', got {text.strip()!r}")
+    return name.lower().encode("ascii"), value.encode("utf-8")
+
+
+def _rate_limit_key(text: str) -> str:
+    key = text.strip()
+    if key in ("global", "client_ip"):
+        return key
+    kind, _, name = key.partition(":")
+    if kind == "header" and _TOKEN.fullmatch(name):
+        return f"header:{name.lower()}"
+    raise ValueError(f"expected global, client_ip or header:NAME, got {key!r}")
+
+
+def describe(config: Config) -> Iterator[str]:
+    """
+    The summary C{--check} prints: listeners, pools, routes and notices.
+    """
+    yield f"{config.source}: configuration is valid"
+    for endpoint in config.lb.listen:
+        yield f"listen      {endpoint} (http)"
+    for endpoint in config.lb.tls_listen:
+        yield f"listen      {endpoint} (tls)"
+    for pool in config.pools:
+        health = (
+            f"health GET {pool.health.path} every "
+            f"{units.format_duration(pool.health.interval)}"
+            if pool.health
+            else "no active health checks"
+        )
+        yield f"pool        {pool.name}: {pool.balance}, {health}"
+        for server in pool.servers:
+            yield f"              {server.url} weight={server.weight}"
+    for route in config.routes:
+        yield f"route       {route.name}: {describe_route(route)} -> pool {route.pool}"
+    for notice in config.notices:
+        yield f"notice      {notice}"
+
+
+def describe_route(route: RouteConfig) -> str:
+    """
+    A route's conditions in one short phrase.
+    """
+    conditions = []
+    if route.host:
+        conditions.append(f"host {route.host}")
+    if route.path_prefix:
+        conditions.append(f"path {route.path_prefix.decode()}")
+        if route.strip_prefix:
+            conditions.append("(prefix stripped)")
+    if route.methods:
+        conditions.append(
+            "methods " + ",".join(sorted(m.decode() for m in route.methods))
+        )
+    if route.header:
+        conditions.append(
+            f"header {route.header[0].decode()}: {route.header[1].decode()}"
+        )
+    if route.rate_limit:
+        conditions.append(
+            f"rate limit {route.rate_limit.text} burst {route.rate_limit.burst} "
+            f"by {route.rate_limit.key}"
+        )
+    return " ".join(conditions) or "every request"

@@ -1,0 +1,60 @@
+# -*- test-case-name: tests.test_site -*-
+"""
+The answers l7lb gives itself: short plain-text bodies naming the status,
+never a traceback or an internal address.
+"""
+
+from __future__ import annotations
+
+from twisted.python.failure import Failure
+from twisted.web.http import RESPONSES
+
+CONTENT_TYPE = b"text/plain; charset=utf-8"
+
+
+# RFC 9110's names where Twisted's table is older or silent.
+_REASONS = {
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+    504: b"Gateway Timeout",
+}
+
+
+def reason(status: int) -> bytes:
+    return _REASONS.get(status) or RESPONSES.get(status, b"Error")
+
+
+def body(status: int) -> bytes:
+    """
+    The body of an error answer: C{503 Service Unavailable} and a newline.
+    """
+    return b"%d %s\n" % (status, reason(status))
+
+
+def raw_response(status: int) -> bytes:
+    """
+    A whole HTTP/1.1 response that closes the connection, for refusals made
+    before any request object exists (a malformed or oversized head).
+    """
+    content = body(status)
+    return (
+        b"HTTP/1.1 %d %s\r\n"
+        b"Content-Type: %s\r\n"
+        b"Content-Length: %d\r\n"
+        b"Connection: close\r\n"
+        b"\r\n%s" % (status, reason(status), CONTENT_TYPE, len(content), content)
+    )
+
+
+def describe_failure(failure: Failure) -> str:
+    """
+    A short reason for logs, looking inside Twisted's wrapped client errors
+    (C{ResponseNeverReceived([ConnectionLost])} and the like).
+    """
+    reasons = getattr(failure.value, "reasons", None)
+    if reasons:
+        return "; ".join(describe_failure(reason) for reason in reasons)
+    name = failure.type.__name__ if failure.type is not None else "error"
+    message = failure.getErrorMessage()
+    return f"{name}: {message}" if message and message != name else name

@@ -1,0 +1,341 @@
+# -*- test-case-name: tests.test_proxy -*-
+"""
+The forwarding path: one client request sent to a backend of its pool and
+the answer streamed back.
+
+The response body is relayed as it arrives, with back-pressure: the
+backend's connection is registered as the producer of the client's
+response, so a slow client pauses the read from the backend instead of
+growing a buffer. A client that goes away aborts the backend request. A
+backend that fails mid-body closes the client connection, so a cut-short
+response never looks complete. A backend that refuses or resets before
+answering gets the request retried once on another backend in rotation,
+when that is safe (nothing was sent, or the method is idempotent).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import IO, cast
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectError, ConnectingCancelledError
+from twisted.internet.error import TimeoutError as ConnectTimeout
+from twisted.internet.interfaces import (
+    IConsumer,
+    IDelayedCall,
+    IPushProducer,
+    IReactorTime,
+)
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseNeverReceived,
+)
+from twisted.web.http import NO_BODY_CODES, PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
+from zope.interface import implementer
+
+from l7lb.errors import describe_failure
+from l7lb.headers import downstream_response_headers, upstream_request_headers
+from l7lb.pool import Backend, Pool
+from l7lb.site import BalancerRequest
+from l7lb.trust import TrustedProxies
+from l7lb.upstream import connection_headers
+
+# RFC 9110 section 9.2.2: a request that may be sent twice.
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+
+@implementer(IBodyProducer)
+class BufferedBody:
+    """
+    The client's request body, already received in full (in memory, or in a
+    temporary file when large), sent with a Content-Length of l7lb's own and
+    replayable for a retry. Writes stop while the backend's socket is full.
+    """
+
+    def __init__(self, content: IO[bytes], length: int) -> None:
+        self.content = content
+        self.length = length
+        self._consumer: IConsumer | None = None
+        self._done: Deferred[None] | None = None
+        self._paused = False
+        self._pumping = False
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        self.content.seek(0)
+        self._consumer = consumer
+        self._paused = False
+        self._done = done = Deferred[None]()
+        self._pump()
+        return done
+
+    def _pump(self) -> None:
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            while not self._paused and self._done is not None:
+                chunk = self.content.read(65536)
+                if not chunk:
+                    done, self._done = self._done, None
+                    done.callback(None)
+                    return
+                assert self._consumer is not None
+                self._consumer.write(chunk)
+        finally:
+            self._pumping = False
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._pump()
+
+    def stopProducing(self) -> None:
+        self._done = None
+
+
+class _ResponseRelay(Protocol):
+    """
+    Receives a backend's response body and writes it to the client.
+    """
+
+    def __init__(self, exchange: _Exchange, backend: Backend) -> None:
+        self.exchange = exchange
+        self.backend = backend
+
+    def connectionMade(self) -> None:
+        request = self.exchange.request
+        if not self.exchange.client_gone:
+            request.registerProducer(self.transport, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.exchange.client_gone:
+            self.exchange.request.write(data)
+
+    def connectionLost(self, reason: Failure = ResponseDone) -> None:  # type: ignore[assignment]
+        self.exchange.relay = None
+        self.backend.inflight -= 1
+        request = self.exchange.request
+        if self.exchange.client_gone:
+            return
+        request.unregisterProducer()
+        if reason.check(ResponseDone, PotentialDataLoss):
+            request.finish()
+        else:
+            self.exchange.forwarder.log.warn(
+                "backend {backend} failed while sending the response body: {reason}",
+                backend=self.backend.address,
+                reason=describe_failure(reason),
+            )
+            request.abort("backend failed mid-body")
+
+    def stop(self) -> None:
+        if self.transport is not None:
+            cast(IPushProducer, self.transport).stopProducing()
+
+
+class _Discard(Protocol):
+    """
+    Takes a response nobody will read and drops its connection.
+    """
+
+    def connectionMade(self) -> None:
+        cast(IPushProducer, self.transport).stopProducing()
+
+
+class _Exchange:
+    """
+    The life of one proxied request: choosing a backend, at most one retry,
+    relaying the response, tidying up if either side goes away.
+    """
+
+    def __init__(
+        self,
+        forwarder: Forwarder,
+        request: BalancerRequest,
+        pool: Pool,
+        target: bytes,
+        body: IBodyProducer | None,
+    ) -> None:
+        self.forwarder = forwarder
+        self.request = request
+        self.pool = pool
+        self.method: bytes = request.method
+        self.target = target
+        self.body = body
+        self.headers = forwarder.upstream_headers(request)
+        self.client_gone = False
+        self.pending: Deferred[IResponse] | None = None
+        self.timer: IDelayedCall | None = None
+        self.timed_out = False
+        self.relay: _ResponseRelay | None = None
+        self.tried: list[Backend] = []
+
+    def start(self) -> None:
+        self.request.notifyFinish().addErrback(self._client_gone)
+        self._attempt(None)
+
+    def _attempt(self, failed_status: int | None) -> None:
+        """
+        Send the request to a backend not yet tried. C{failed_status} is the
+        answer of the attempt before, if any, given when no backend is left.
+        """
+        backend = self.pool.choose(self.tried)
+        if backend is None:
+            if failed_status is None:
+                self.request.respond_error(503, {b"Retry-After": self.pool.retry_after})
+            else:
+                self.request.respond_error(failed_status)
+            return
+        self.tried.append(backend)
+        self.request.backend_address = backend.address
+        backend.inflight += 1
+        self.timed_out = False
+        self.timer = self.forwarder.clock.callLater(
+            self.pool.config.response_timeout, self._time_out
+        )
+        d = self.pending = backend.client.request(
+            self.method, self.target, self.headers, self.body
+        )
+        d.addCallbacks(
+            self._got_response,
+            self._failed,
+            callbackArgs=(backend,),
+            errbackArgs=(backend,),
+        )
+
+    def _time_out(self) -> None:
+        self.timer = None
+        self.timed_out = True
+        if self.pending is not None:
+            self.pending.cancel()
+
+    def _settle(self) -> None:
+        self.pending = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _failed(self, failure: Failure, backend: Backend) -> None:
+        self._settle()
+        backend.inflight -= 1
+        if self.client_gone:
+            return
+        status, retry = self._judge(failure)
+        self.forwarder.log.warn(
+            "request to backend {backend} of pool {pool} failed: {reason}",
+            backend=backend.address,
+            pool=self.pool.name,
+            reason="no response headers within the response timeout"
+            if self.timed_out
+            else describe_failure(failure),
+            status=status,
+        )
+        if retry and len(self.tried) == 1:
+            self._attempt(status)
+        else:
+            self.request.respond_error(status)
+
+    def _judge(self, failure: Failure) -> tuple[int, bool]:
+        """
+        The status for a failed attempt, and whether another backend may be
+        tried: always when nothing was sent, for an idempotent request when
+        the connection failed before any response byte arrived.
+        """
+        if self.timed_out:
+            return 504, False
+        if failure.check(ConnectTimeout):
+            return 504, True
+        if failure.check(ConnectError, ConnectingCancelledError):
+            return 502, True
+        if failure.check(ResponseNeverReceived, RequestTransmissionFailed):
+            return 502, self.method in IDEMPOTENT
+        return 502, False
+
+    def _got_response(self, response: IResponse, backend: Backend) -> None:
+        self._settle()
+        if self.client_gone:
+            backend.inflight -= 1
+            response.deliverBody(_Discard())
+            return
+        request = self.request
+        request.setResponseCode(response.code, response.phrase)
+        request.responseHeaders = downstream_response_headers(
+            response.headers,
+            connection_headers(response).getRawHeaders(b"Connection"),
+            via=b"%d.%d l7lb" % response.version[1:],
+            request_id=request.request_id,
+            content_length=_content_length(response, self.method),
+        )
+        self.relay = _ResponseRelay(self, backend)
+        response.deliverBody(self.relay)
+
+    def _client_gone(self, failure: Failure) -> None:
+        self.client_gone = True
+        if self.pending is not None:
+            self.pending.cancel()
+        if self.relay is not None:
+            self.relay.stop()
+
+
+def _content_length(response: IResponse, method: bytes) -> bytes | None:
+    """
+    The backend's Content-Length, relayed as sent when the body (or, for
+    HEAD and 304, the representation) is length-delimited.
+    """
+    if method == b"HEAD":
+        values: Sequence[bytes] | None = response.headers.getRawHeaders(
+            b"Content-Length"
+        )
+        return values[0] if values else None
+    framing = connection_headers(response)
+    if framing.hasHeader(b"Transfer-Encoding"):
+        return None
+    if response.code in NO_BODY_CODES:
+        values = framing.getRawHeaders(b"Content-Length")
+        return values[0] if values and response.code == 304 else None
+    if response.length is UNKNOWN_LENGTH:
+        return None
+    return b"%d" % response.length
+
+
+class Forwarder:
+    """
+    Sends requests to backends and relays their answers; shared by every
+    request of a running configuration.
+    """
+
+    log = Logger()
+
+    def __init__(self, clock: IReactorTime, trusted: TrustedProxies) -> None:
+        self.clock = clock
+        self.trusted = trusted
+
+    def forward(self, request: BalancerRequest, pool: Pool, target: bytes) -> None:
+        """
+        Proxy C{request} to a backend of C{pool}, as C{target} (origin form).
+        """
+        size = request.body_size
+        body = None
+        if size and request.content is not None:
+            body = BufferedBody(request.content, size)
+        _Exchange(self, request, pool, target, body).start()
+
+    def upstream_headers(self, request: BalancerRequest) -> Headers:
+        client_ip = request.client_ip
+        return upstream_request_headers(
+            request.requestHeaders,
+            client_ip=client_ip,
+            trusted_peer=self.trusted.contains(client_ip),
+            proto=request.scheme,
+            via=request.clientproto[5:] + b" l7lb",
+            request_id=request.request_id,
+        )

@@ -1,0 +1,189 @@
+# -*- test-case-name: tests.test_service -*-
+"""
+The service tree of a running balancer, built from a L{Config}:
+
+    BalancerService (MultiService)
+      HealthService        one LoopingCall per checked backend
+      AccessLogService     flushes the access log
+      UpstreamService      closes backend connections at shutdown
+      ListenerService * N  one per listen endpoint
+
+Listeners come last so that they start last and stop first: the balancer
+accepts traffic only once everything behind it runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from treq.client import HTTPClient
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IStreamServerEndpoint,
+)
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from l7lb.accesslog import AccessLog, AccessLogService
+from l7lb.balancing import balancer_for
+from l7lb.config import Config, HealthCheckConfig
+from l7lb.health import HealthService, checkers_for
+from l7lb.pool import Backend, Pool
+from l7lb.proxy import Forwarder
+from l7lb.resource import BalancerResource
+from l7lb.routing import RouteMap
+from l7lb.site import BalancerSite
+from l7lb.trust import TrustedProxies
+from l7lb.upstream import (
+    Upstream,
+    UpstreamClient,
+    client_endpoint,
+    fixed_agent,
+    quiet_pool,
+)
+
+
+class ListenFailed(Exception):
+    """
+    A listening endpoint could not be opened (port in use, no permission).
+    """
+
+
+class ListenerService(Service):
+    """
+    Serves a factory on one endpoint. A failure to listen is raised from
+    C{startService}, so l7lb does not run without a listener it was asked
+    to open.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        endpoint: IStreamServerEndpoint,
+        factory: IProtocolFactory,
+        description: str,
+    ) -> None:
+        self.endpoint = endpoint
+        self.factory = factory
+        self.description = description
+        self.port: IListeningPort | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        failures: list[Failure] = []
+        d = self.endpoint.listen(self.factory)
+        d.addCallbacks(self._listening, failures.append)
+        if failures:
+            raise ListenFailed(
+                f"cannot listen on {self.description}: {failures[0].getErrorMessage()}"
+            )
+
+    def _listening(self, port: IListeningPort) -> None:
+        self.port = port
+        self.log.info(
+            "listening on {description} ({address})",
+            description=self.description,
+            address=port.getHost(),
+        )
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self.port is None:
+            return None
+        port, self.port = self.port, None
+        return port.stopListening()
+
+
+class UpstreamService(Service):
+    """
+    Closes the idle keep-alive connections to every backend at shutdown.
+    """
+
+    def __init__(self, clients: Sequence[UpstreamClient]) -> None:
+        self.clients = clients
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        return DeferredList([client.close() for client in self.clients])
+
+
+class BalancerService(MultiService):
+    """
+    A running balancer. C{pools} and C{listeners} are there to be inspected.
+    """
+
+    exit_on_listen_failure = False
+
+    def __init__(self, config: Config, pools: dict[str, Pool]) -> None:
+        super().__init__()
+        self.config = config
+        self.pools = pools
+        self.listeners: list[ListenerService] = []
+
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except ListenFailed as e:
+            if self.exit_on_listen_failure:
+                # twistd prints this line and exits 1, without a traceback.
+                raise SystemExit(f"l7lb: {e}") from None
+            raise
+
+
+def build(
+    config: Config,
+    reactor: Any,
+    upstream_for: Callable[..., UpstreamClient] = Upstream,
+) -> BalancerService:
+    """
+    The service tree for C{config}, on C{reactor} (which must provide the
+    TCP, time and thread interfaces of a real reactor).
+    """
+    pools = {}
+    clients: list[UpstreamClient] = []
+    for pool_config in config.pools:
+        backends = []
+        for server in pool_config.servers:
+            client = upstream_for(reactor, server, pool_config)
+            clients.append(client)
+            backends.append(Backend(server, client))
+        pools[pool_config.name] = Pool(
+            pool_config, backends, balancer_for(pool_config.balance)
+        )
+
+    forwarder = Forwarder(reactor, TrustedProxies(config.lb.trusted_proxies))
+    resource = BalancerResource(RouteMap(config.routes), pools, forwarder)
+    access_log = AccessLog.open(config.lb.access_log, reactor)
+    site = BalancerSite(
+        resource, config.lb, access_log, reactor, timeout=config.lb.keepalive_timeout
+    )
+
+    root = BalancerService(config, pools)
+    # Probes open a connection of their own each time (as HAProxy's do):
+    # that checks the backend still accepts, and no stale connection can fail
+    # a probe.
+    probe_connections = quiet_pool(reactor, persistent=False)
+
+    def probe_client(backend: Backend, check: HealthCheckConfig) -> HTTPClient:
+        endpoint = client_endpoint(reactor, backend.config, check.timeout)
+        return HTTPClient(fixed_agent(reactor, endpoint, probe_connections))
+
+    HealthService(
+        checkers_for(list(pools.values()), probe_client, reactor),
+        [probe_connections.closeCachedConnections],
+    ).setServiceParent(root)
+    AccessLogService(access_log, reactor).setServiceParent(root)
+    UpstreamService(clients).setServiceParent(root)
+    for description in config.lb.listen:
+        listener = ListenerService(
+            serverFromString(reactor, description), site, description
+        )
+        listener.setServiceParent(root)
+        root.listeners.append(listener)
+    return root

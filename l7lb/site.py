@@ -1,0 +1,255 @@
+# -*- test-case-name: tests.test_site -*-
+"""
+The client side of the proxy: twisted.web's HTTP/1.1 server with l7lb's
+limits and answers.
+
+L{BalancerChannel} refuses oversized or malformed request heads with the
+status the SPEC names (414, 431, 400) and a real response, where plain
+twisted.web answers a bare 400 or drops the connection. L{BalancerRequest}
+enforces the body limit (413), skips twisted.web's form parsing (a proxy
+forwards bodies, it does not read them) and writes one access-log line
+however the exchange ends. L{BalancerSite} hands every request to one
+resource, the balancer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http, server
+from twisted.web.http_headers import Headers
+from twisted.web.resource import IResource
+
+from l7lb import errors
+from l7lb.accesslog import AccessLog
+from l7lb.config import LBConfig
+
+
+class BalancerRequest(http.Request):
+    """
+    One client request and what the access log needs to know about it.
+    """
+
+    log = Logger()
+    channel: BalancerChannel
+
+    route_name = "-"
+    backend_address = "-"
+    request_id = b"-"
+    note = ""
+    refused = False
+    scheme = b"http"
+    _logged = False
+
+    def __init__(self, channel: BalancerChannel, queued: object = None) -> None:
+        super().__init__(channel)
+        self.site: BalancerSite = channel.site
+        self.started = self.site.clock.seconds()
+        self.body_size = 0
+
+    @property
+    def client_ip(self) -> str:
+        """
+        The peer's address as text (C{unknown} for a non-IP transport).
+        """
+        host = getattr(self.client, "host", None)
+        return host if isinstance(host, str) and host else "unknown"
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self.site.limits.max_body_size:
+            super().gotLength(0)
+            self.channel.refuse(413)
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.refused:
+            return
+        self.body_size += len(data)
+        if self.body_size > self.site.limits.max_body_size:
+            self.channel.refuse(413)
+            return
+        assert self.content is not None
+        self.content.write(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self.refused:
+            return
+        assert self.content is not None
+        self.content.seek(0, 0)
+        self.args = {}
+        self.method, self.uri = command, path
+        self.clientproto = version
+        self.path = path.partition(b"?")[0]
+        self.process()
+
+    def process(self) -> None:
+        try:
+            self.site.resource.render(self)
+        except Exception:
+            self.processingFailed(Failure())
+
+    def processingFailed(self, reason: Failure) -> None:
+        """
+        A bug in l7lb must cost one request, never the process.
+        """
+        self.log.failure("internal error while handling {uri}", reason, uri=self.uri)
+        if self.channel is None or self.finished:
+            return
+        if self.startedWriting:
+            self.abort("internal error")
+        else:
+            self.respond_error(500)
+
+    def respond_error(
+        self, status: int, headers: dict[bytes, bytes] | None = None
+    ) -> None:
+        """
+        Answer with a short plain-text error of l7lb's own.
+        """
+        if self.channel is None or self.finished:
+            return
+        content = errors.body(status)
+        self.setResponseCode(status)
+        self.responseHeaders = response = Headers()
+        response.setRawHeaders(b"Content-Type", [errors.CONTENT_TYPE])
+        response.setRawHeaders(b"Content-Length", [b"%d" % len(content)])
+        if self.request_id != b"-":
+            response.setRawHeaders(b"X-Request-Id", [self.request_id])
+        if not self.channel.persistent:
+            response.setRawHeaders(b"Connection", [b"close"])
+        for name, value in (headers or {}).items():
+            response.setRawHeaders(name, [value])
+        self.write(content)
+        self.finish()
+
+    def finish(self) -> None:
+        super().finish()
+        self.log_access()
+
+    def abort(self, note: str) -> None:
+        """
+        End the exchange without completing the response: the client sees
+        the connection close, never a cut-short body that looks whole.
+        """
+        self.note = note
+        self.log_access()
+        if self.channel is not None:
+            self.channel.loseConnection()
+
+    def connectionLost(self, reason: Failure) -> None:
+        if not self.finished and not self.note:
+            self.note = "client closed"
+        self.log_access()
+        super().connectionLost(reason)
+
+    def log_access(self) -> None:
+        if self._logged:
+            return
+        self._logged = True
+        self.site.access_log.log(self)
+
+
+class BalancerChannel(http.HTTPChannel):
+    """
+    HTTP/1.1 connection handling with l7lb's limits on the request head.
+    """
+
+    site: BalancerSite
+    _refused = False
+    _request_line_size = 0
+
+    def connectionMade(self) -> None:
+        limits = self.site.limits
+        self.max_uri_length = limits.max_uri_length
+        self.max_header_size = limits.max_header_size
+        # Lines longer than this cannot be valid; stop buffering them.
+        self.MAX_LENGTH = max(self.max_uri_length + 64, self.max_header_size)
+        # The head limits are enforced here, with the right statuses.
+        self.totalHeadersSize = self.max_uri_length + self.max_header_size + 64 + 1
+        super().connectionMade()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._refused:
+            return
+        if self._receivedHeaderSize == 0 and line:
+            target = line.partition(b" ")[2].rpartition(b" ")[0]
+            if len(target) > self.max_uri_length:
+                self.refuse(414)
+                return
+            self._request_line_size = len(line)
+        elif (
+            self._receivedHeaderSize - self._request_line_size + len(line)
+            > self.max_header_size
+        ):
+            self.refuse(431)
+            return
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.refuse(414 if self._receivedHeaderSize == 0 else 431)
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        self.refuse(400)
+
+    def _send100Continue(self) -> None:
+        if not self._refused:
+            super()._send100Continue()
+
+    def refuse(self, status: int) -> None:
+        """
+        Answer a request that cannot be read (or may not be) and close: the
+        rest of what the client sends is ignored.
+        """
+        if self._refused:
+            return
+        self._refused = True
+        request = self.requests[-1] if self.requests else None
+        if isinstance(request, BalancerRequest):
+            request.refused = True
+            request.method = getattr(self, "_command", b"-")
+            request.uri = getattr(self, "_path", b"-")
+            request.clientproto = getattr(self, "_version", b"-")
+            request.code = status
+            request.note = "refused"
+            request.log_access()
+        else:
+            self.site.access_log.log_refusal(self.getPeer(), status)
+        self.write(errors.raw_response(status))
+        self.loseConnection()
+
+
+class BalancerSite(server.Site):
+    """
+    Serves every request with one resource, the balancer, under l7lb's limits.
+    """
+
+    requestFactory = BalancerRequest  # type: ignore[assignment]
+    protocol = BalancerChannel  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        resource: IResource,
+        limits: LBConfig,
+        access_log: AccessLog,
+        clock: IReactorTime,
+        timeout: float,
+    ) -> None:
+        super().__init__(resource, reactor=clock, timeout=timeout)
+        self.limits = limits
+        self.access_log = access_log
+        self.clock = clock
+
+    def log(self, request: Any) -> None:
+        """
+        The access log is written by L{BalancerRequest}, which also sees
+        exchanges that end without a finished response.
+        """

@@ -1,0 +1,380 @@
+"""
+The configuration file: values, defaults, and every problem reported at once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import textwrap
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from l7lb.balancing import STRATEGIES
+from l7lb.config import (
+    BALANCE_STRATEGIES,
+    Config,
+    ConfigError,
+    HealthCheckConfig,
+    RateLimitConfig,
+    ServerConfig,
+    describe,
+    load,
+)
+
+MINIMAL = """
+[lb]
+listen = tcp:8080:interface=127.0.0.1
+
+[pool:a]
+servers = http://127.0.0.1:8081
+
+[route:all]
+pool = a
+"""
+
+
+class ConfigFileMixin:
+    def write(self, text: str, name: str = "lb.ini") -> str:
+        directory = self.mktemp()  # type: ignore[attr-defined]
+        os.makedirs(directory)
+        path = os.path.join(directory, name)
+        with open(path, "w") as f:
+            f.write(textwrap.dedent(text))
+        return path
+
+    def load_text(self, text: str) -> Config:
+        return load(self.write(text))
+
+    def problems(self, text: str) -> list[str]:
+        path = self.write(text)
+        try:
+            load(path)
+        except ConfigError as e:
+            return [p.replace(path, "FILE") for p in e.problems]
+        raise AssertionError("the configuration was accepted")
+
+
+class LoadTests(ConfigFileMixin, SynchronousTestCase):
+    def test_minimal_defaults(self):
+        config = self.load_text(MINIMAL)
+        self.assertEqual(config.lb.listen, ("tcp:8080:interface=127.0.0.1",))
+        self.assertEqual(config.lb.access_log, "-")
+        self.assertEqual(config.lb.max_header_size, 16 * 1024)
+        self.assertEqual(config.lb.max_uri_length, 8 * 1024)
+        self.assertEqual(config.lb.max_body_size, 100 * 1024 * 1024)
+        pool = config.pool("a")
+        self.assertEqual(pool.balance, "round_robin")
+        self.assertEqual(
+            pool.servers,
+            (ServerConfig("http://127.0.0.1:8081", "http", "127.0.0.1", 8081),),
+        )
+        self.assertIsNone(pool.health)
+        self.assertEqual((pool.connect_timeout, pool.response_timeout), (3.0, 30.0))
+        route = config.routes[0]
+        self.assertEqual(
+            (route.name, route.pool, route.path_prefix), ("all", "a", None)
+        )
+
+    def test_full_schema(self):
+        directory = self.mktemp()
+        os.makedirs(os.path.join(directory, "tls"))
+        with open(os.path.join(directory, "tls", "example.pem"), "w") as f:
+            f.write("not checked until TLS is served\n")
+        path = os.path.join(directory, "lb.ini")
+        with open(path, "w") as f:
+            f.write(
+                textwrap.dedent(
+                    """
+                    [lb]
+                    listen = tcp:8080:interface=127.0.0.1 tcp:8081:interface=127.0.0.1
+                    tls_listen = tcp:8443:interface=127.0.0.1
+                    access_log = logs/access.log   ; relative to this file
+                    trusted_proxies = 10.0.0.0/8 192.168.1.1 # a comment
+                    max_header_size = 32KiB
+                    max_uri_length = 4KiB
+                    max_body_size = 10MiB
+                    keepalive_timeout = 2m
+
+                    [tls]
+                    certificates = tls/example.pem
+                    min_version = TLSv1.3
+                    alpn = http/1.1
+
+                    [pool:a]
+                    servers =
+                        http://127.0.0.1:8081
+                        http://[::1]:8082 weight=3
+                        http://backend.internal:80
+                    balance = weighted_round_robin
+                    health_path = /health
+                    health_interval = 250ms
+                    health_timeout = 1s
+                    health_status = 200-299
+                    rise = 1
+                    fall = 5
+                    connect_timeout = 500ms
+                    response_timeout = 1m
+                    keepalive_connections = 32
+                    keepalive_timeout = 10s
+
+                    [route:api-a]
+                    path_prefix = /apiA/
+                    host = *.Example.com
+                    methods = get POST
+                    header = X-Canary: 1
+                    pool = a
+                    strip_prefix = on
+                    rate_limit = 6000/m
+                    burst = 20
+                    rate_limit_key = header:X-Api-Key
+                    """
+                )
+            )
+        config = load(path)
+        self.assertEqual(len(config.lb.listen), 2)
+        self.assertEqual(
+            config.lb.access_log,
+            os.path.join(os.path.abspath(directory), "logs/access.log"),
+        )
+        self.assertEqual(
+            config.lb.trusted_proxies,
+            (
+                ipaddress.ip_network("10.0.0.0/8"),
+                ipaddress.ip_network("192.168.1.1/32"),
+            ),
+        )
+        self.assertEqual(
+            (
+                config.lb.max_header_size,
+                config.lb.max_uri_length,
+                config.lb.max_body_size,
+            ),
+            (32768, 4096, 10 * 1024 * 1024),
+        )
+        self.assertEqual(config.lb.keepalive_timeout, 120.0)
+        assert config.tls is not None
+        self.assertEqual(config.tls.min_version, "TLSv1.3")
+        self.assertEqual(config.tls.alpn, ("http/1.1",))
+        pool = config.pool("a")
+        self.assertEqual([s.weight for s in pool.servers], [1, 3, 1])
+        self.assertEqual(pool.servers[1].host, "::1")
+        self.assertEqual(pool.servers[1].address, "[::1]:8082")
+        self.assertEqual(
+            pool.health, HealthCheckConfig("/health", 0.25, 1.0, 200, 299, 1, 5)
+        )
+        self.assertEqual(
+            (pool.keepalive_connections, pool.keepalive_timeout), (32, 10.0)
+        )
+        route = config.routes[0]
+        self.assertEqual(route.path_prefix, b"/apiA")
+        self.assertEqual(route.host, "*.example.com")
+        self.assertEqual(route.methods, frozenset({b"GET", b"POST"}))
+        self.assertEqual(route.header, (b"x-canary", b"1"))
+        self.assertTrue(route.strip_prefix)
+        self.assertEqual(
+            route.rate_limit, RateLimitConfig(100.0, 20, "header:x-api-key", "6000/m")
+        )
+        # Parsed but not acted on yet: said, not silently ignored.
+        notices = "\n".join(config.notices)
+        self.assertIn("[route:api-a] rate_limit: parsed but not enforced yet", notices)
+        self.assertIn("[lb] tls_listen: parsed but not served yet", notices)
+
+    def test_servers_on_one_line(self):
+        config = self.load_text(
+            MINIMAL.replace(
+                "servers = http://127.0.0.1:8081",
+                "servers = http://127.0.0.1:8081 weight=2 http://127.0.0.1:8082",
+            )
+        )
+        self.assertEqual(
+            [(s.port, s.weight) for s in config.pool("a").servers],
+            [(8081, 2), (8082, 1)],
+        )
+
+    def test_rate_limit_default_burst_is_one_second(self):
+        config = self.load_text(MINIMAL + "rate_limit = 2.5/s\n")
+        limit = config.routes[0].rate_limit
+        assert limit is not None
+        self.assertEqual((limit.rate, limit.burst, limit.key), (2.5, 3, "client_ip"))
+
+    def test_strategies_in_step_with_balancing(self):
+        self.assertEqual(set(BALANCE_STRATEGIES), set(STRATEGIES))
+
+    def test_notices_for_ineffective_keys(self):
+        config = self.load_text(
+            MINIMAL.replace("pool = a", "pool = a\nstrip_prefix = on\nburst = 5")
+            + "\n[pool:unused]\nservers = http://127.0.0.1:9\nhealth_interval = 1s\n"
+            + "\n[pool:weighted]\nservers = http://127.0.0.1:1 weight=2\n"
+        )
+        notices = "\n".join(config.notices)
+        self.assertIn(
+            "[route:all] strip_prefix: has no effect without path_prefix", notices
+        )
+        self.assertIn("[route:all] burst: has no effect without rate_limit", notices)
+        self.assertIn(
+            "[pool:unused] health_interval: has no effect without health_path", notices
+        )
+        self.assertIn("[pool:unused]: no route sends requests here", notices)
+        self.assertIn("weights have no effect with balance = round_robin", notices)
+
+
+class ProblemTests(ConfigFileMixin, SynchronousTestCase):
+    def test_every_problem_at_once(self):
+        problems = self.problems(
+            """
+            [lb]
+            listen = nonsense:1
+            max_body_size = lots
+            colour = blue
+
+            [pool:a]
+            servers = http://127.0.0.1:80 ftp://x:1
+            balance = random
+            health_path = /h
+            health_interval = 10
+            rise = 0
+            health_status = 500-200
+
+            [route:r]
+            pool = missing
+            path_prefix = apiA
+            methods = GET,POST
+            header = nocolon
+            host = bad_host!
+            rate_limit = fast
+
+            [route:no-pool]
+            path_prefix = /x
+
+            [frontend]
+            """
+        )
+        expected = [
+            "FILE: [lb] colour: unknown key",
+            "FILE: [lb] listen: 'nonsense:1' is not a Twisted server endpoint string",
+            "FILE: [lb] max_body_size: expected a size like 16KiB or 10MiB, got 'lots'",
+            "FILE: [pool:a] servers: 'ftp://x:1' is not a server URL",
+            "FILE: [pool:a] balance: expected one of round_robin, weighted_round_robin, "
+            "least_connections, got 'random'",
+            "FILE: [pool:a] health_status: expected statuses within 100-599, low first",
+            "FILE: [pool:a] health_interval: expected a duration like 250ms, 10s or 2m, got '10'",
+            "FILE: [pool:a] rise: expected a number from 1 to 1000, got 0",
+            "FILE: [route:r] path_prefix: expected a path starting with /, got 'apiA'",
+            "FILE: [route:r] host: expected a host name",
+            "FILE: [route:r] methods: 'GET,POST' is not an HTTP method name",
+            "FILE: [route:r] header: expected 'Header-Name: value', got 'nocolon'",
+            "FILE: [route:r] rate_limit: expected a rate like 100/s or 6000/m, got 'fast'",
+            "FILE: [route:no-pool] pool: missing: a route must name a pool",
+            "FILE: [frontend]: unknown section",
+            "FILE: [route:r] pool: names pool 'missing', which has no [pool:missing] section",
+        ]
+        self.assertEqual(len(problems), len(expected), "\n".join(problems))
+        for line, start in zip(problems, expected, strict=True):
+            self.assertTrue(line.startswith(start), f"{line!r} should start {start!r}")
+            self.assertNotIn("\n", line)
+
+    def test_missing_file(self):
+        try:
+            load("/nonexistent/lb.ini")
+        except ConfigError as e:
+            self.assertEqual(
+                e.problems,
+                [
+                    "/nonexistent/lb.ini: cannot read the file: No such file or directory"
+                ],
+            )
+        else:
+            self.fail("accepted a missing file")
+
+    def test_syntax_error(self):
+        problems = self.problems("listen = before any section\n")
+        self.assertEqual(len(problems), 1)
+        self.assertTrue(
+            problems[0].startswith("FILE: File contains no section headers")
+        )
+
+    def test_duplicate_key(self):
+        problems = self.problems(MINIMAL + "pool = b\n")
+        self.assertEqual(len(problems), 1)
+        self.assertIn(
+            "option 'pool' in section 'route:all' already exists", problems[0]
+        )
+
+    def test_missing_lb_and_routes(self):
+        problems = self.problems("[pool:a]\nservers = http://127.0.0.1:1\n")
+        self.assertEqual(
+            problems,
+            [
+                "FILE: [lb]: missing section",
+                "FILE: no [route:NAME] section: every request would get 404",
+            ],
+        )
+
+    def test_no_listener(self):
+        problems = self.problems(
+            MINIMAL.replace("listen = tcp:8080:interface=127.0.0.1", "")
+        )
+        self.assertEqual(
+            problems, ["FILE: [lb] listen: no listen or tls_listen endpoint given"]
+        )
+
+    def test_server_mistakes(self):
+        for servers, message in [
+            ("weight=2", "'weight=2' comes before any server URL"),
+            (
+                "http://127.0.0.1:80 weight=0",
+                "weight: expected a number from 1 to 1000, got 0",
+            ),
+            ("http://127.0.0.1:80 backup=1", "unknown server option 'backup'"),
+            ("http://127.0.0.1:80 http://127.0.0.1:80", "is listed twice"),
+            ("http://127.0.0.1:99999", "port 99999 is out of range"),
+            ("http://127.0.0.1", "is not a server URL"),
+            ("http://[fe80::1::2]:80", "is not an IPv6 address"),
+            ("https://127.0.0.1:443", "https:// backends are not supported yet"),
+        ]:
+            problems = self.problems(MINIMAL.replace("http://127.0.0.1:8081", servers))
+            self.assertEqual(len(problems), 1, problems)
+            self.assertIn(message, problems[0])
+            self.assertTrue(problems[0].startswith("FILE: [pool:a] servers: "))
+
+    def test_unreadable_certificate(self):
+        problems = self.problems(
+            MINIMAL.replace("[lb]\n", "[lb]\ntls_listen = tcp:8443\n")
+            + "\n[tls]\ncertificates = missing.pem\n"
+        )
+        self.assertEqual(len(problems), 1)
+        self.assertIn("[tls] certificates: cannot read", problems[0])
+
+    def test_tls_listen_needs_tls_section(self):
+        problems = self.problems(
+            MINIMAL.replace("[lb]\n", "[lb]\ntls_listen = tcp:8443\n")
+        )
+        self.assertEqual(
+            problems, ["FILE: [lb] tls_listen: needs a [tls] section with certificates"]
+        )
+
+    def test_path_prefix_must_be_safe(self):
+        problems = self.problems(MINIMAL + "path_prefix = /a/../../b\n")
+        self.assertEqual(len(problems), 1)
+        self.assertIn("is not a usable path: the path climbs above /", problems[0])
+
+
+class DescribeTests(ConfigFileMixin, SynchronousTestCase):
+    def test_summary(self):
+        config = self.load_text(
+            MINIMAL
+            + "path_prefix = /apiA\nstrip_prefix = on\n"
+            + "[pool:b]\nservers = http://127.0.0.1:1 weight=2\n"
+            + "balance = weighted_round_robin\nhealth_path = /health\n"
+        )
+        lines = list(describe(config))
+        self.assertTrue(lines[0].endswith("configuration is valid"))
+        self.assertIn("listen      tcp:8080:interface=127.0.0.1 (http)", lines)
+        self.assertIn("pool        a: round_robin, no active health checks", lines)
+        self.assertIn(
+            "pool        b: weighted_round_robin, health GET /health every 10s", lines
+        )
+        self.assertIn("              http://127.0.0.1:1 weight=2", lines)
+        self.assertIn("route       all: path /apiA (prefix stripped) -> pool a", lines)
+        self.assertIn("notice      [pool:b]: no route sends requests here", lines)

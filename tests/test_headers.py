@@ -1,0 +1,178 @@
+"""
+Header rewriting at the proxy hop.
+"""
+
+import ipaddress
+
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
+
+from l7lb.headers import (
+    connection_tokens,
+    downstream_response_headers,
+    request_id,
+    upstream_request_headers,
+)
+from l7lb.trust import TrustedProxies
+
+
+def upstream(
+    headers: dict, client_ip="192.0.2.7", trusted=False, proto=b"http"
+) -> Headers:
+    return upstream_request_headers(
+        Headers(headers),
+        client_ip=client_ip,
+        trusted_peer=trusted,
+        proto=proto,
+        via=b"1.1 l7lb",
+        request_id=b"rid",
+    )
+
+
+class RequestHeaderTests(SynchronousTestCase):
+    def test_framing_never_copied(self):
+        out = upstream(
+            {
+                b"Content-Length": [b"5", b"5"],
+                b"Transfer-Encoding": [b"chunked"],
+                b"Expect": [b"100-continue"],
+            }
+        )
+        for name in (b"Content-Length", b"Transfer-Encoding", b"Expect"):
+            self.assertFalse(out.hasHeader(name), name)
+
+    def test_untrusted_forwarding_headers_replaced(self):
+        out = upstream(
+            {
+                b"Host": [b"Example.com:8080"],
+                b"X-Forwarded-For": [b"1.2.3.4"],
+                b"X-Forwarded-Host": [b"evil"],
+                b"X-Forwarded-Proto": [b"https"],
+                b"Forwarded": [b"for=1.2.3.4"],
+                b"Via": [b"1.0 older"],
+            }
+        )
+        self.assertEqual(out.getRawHeaders(b"Host"), [b"Example.com:8080"])
+        self.assertEqual(out.getRawHeaders(b"X-Forwarded-For"), [b"192.0.2.7"])
+        self.assertEqual(out.getRawHeaders(b"X-Forwarded-Host"), [b"Example.com:8080"])
+        self.assertEqual(out.getRawHeaders(b"X-Forwarded-Proto"), [b"http"])
+        self.assertEqual(
+            out.getRawHeaders(b"Forwarded"),
+            [b'for=192.0.2.7;host="Example.com:8080";proto=http'],
+        )
+        self.assertEqual(out.getRawHeaders(b"Via"), [b"1.0 older, 1.1 l7lb"])
+        self.assertEqual(out.getRawHeaders(b"X-Request-Id"), [b"rid"])
+
+    def test_trusted_forwarding_headers_extended(self):
+        out = upstream(
+            {
+                b"X-Forwarded-For": [b"1.2.3.4, 5.6.7.8", b"9.9.9.9"],
+                b"X-Forwarded-Host": [b"shop.example"],
+                b"X-Forwarded-Proto": [b"https"],
+                b"Forwarded": [b"for=1.2.3.4;proto=https"],
+            },
+            trusted=True,
+        )
+        self.assertEqual(
+            out.getRawHeaders(b"X-Forwarded-For"),
+            [b"1.2.3.4, 5.6.7.8, 9.9.9.9, 192.0.2.7"],
+        )
+        self.assertEqual(out.getRawHeaders(b"X-Forwarded-Host"), [b"shop.example"])
+        self.assertEqual(out.getRawHeaders(b"X-Forwarded-Proto"), [b"https"])
+        self.assertEqual(
+            out.getRawHeaders(b"Forwarded"),
+            [b"for=1.2.3.4;proto=https, for=192.0.2.7;proto=http"],
+        )
+
+    def test_ipv6_forwarded_node_quoted(self):
+        out = upstream({b"Host": [b"h"]}, client_ip="2001:db8::1", proto=b"https")
+        self.assertEqual(
+            out.getRawHeaders(b"Forwarded"), [b'for="[2001:db8::1]";host=h;proto=https']
+        )
+
+    def test_connection_named_headers_dropped_but_not_host(self):
+        out = upstream(
+            {
+                b"Connection": [b"close, X-A", b"x-b"],
+                b"X-A": [b"1"],
+                b"X-B": [b"2"],
+                b"X-C": [b"3"],
+                b"Host": [b"h"],
+            }
+        )
+        self.assertFalse(out.hasHeader(b"X-A"))
+        self.assertFalse(out.hasHeader(b"X-B"))
+        self.assertFalse(out.hasHeader(b"Connection"))
+        self.assertEqual(out.getRawHeaders(b"X-C"), [b"3"])
+        self.assertEqual(out.getRawHeaders(b"Host"), [b"h"])
+
+    def test_repeated_headers_kept_in_order(self):
+        out = upstream({b"Cookie": [b"a=1", b"b=2"], b"Accept-Encoding": [b"gzip"]})
+        self.assertEqual(out.getRawHeaders(b"Cookie"), [b"a=1", b"b=2"])
+        self.assertEqual(out.getRawHeaders(b"Accept-Encoding"), [b"gzip"])
+
+    def test_tokens(self):
+        self.assertEqual(
+            connection_tokens([b"Close, X-Foo ,, keep-alive", b"Host"]),
+            {b"close", b"x-foo", b"keep-alive"},
+        )
+        self.assertEqual(connection_tokens(None), frozenset())
+
+
+class ResponseHeaderTests(SynchronousTestCase):
+    def test_hop_by_hop_and_named_dropped(self):
+        out = downstream_response_headers(
+            Headers(
+                {
+                    b"X-Internal": [b"1"],
+                    b"Proxy-Authenticate": [b"Basic"],
+                    b"Trailer": [b"X"],
+                    b"Set-Cookie": [b"a=1", b"b=2"],
+                    b"Via": [b"1.1 backend"],
+                }
+            ),
+            [b"X-Internal"],
+            via=b"1.1 l7lb",
+            request_id=b"rid",
+            content_length=b"42",
+        )
+        self.assertFalse(out.hasHeader(b"X-Internal"))
+        self.assertFalse(out.hasHeader(b"Proxy-Authenticate"))
+        self.assertFalse(out.hasHeader(b"Trailer"))
+        self.assertEqual(out.getRawHeaders(b"Set-Cookie"), [b"a=1", b"b=2"])
+        self.assertEqual(out.getRawHeaders(b"Via"), [b"1.1 backend, 1.1 l7lb"])
+        self.assertEqual(out.getRawHeaders(b"Content-Length"), [b"42"])
+        self.assertEqual(out.getRawHeaders(b"X-Request-Id"), [b"rid"])
+
+
+class RequestIdTests(SynchronousTestCase):
+    def test_kept_when_well_formed(self):
+        self.assertEqual(request_id([b"a.B_c:9-z"]), b"a.B_c:9-z")
+        self.assertEqual(request_id([b"x" * 128]), b"x" * 128)
+
+    def test_replaced_otherwise(self):
+        for values in (
+            None,
+            [],
+            [b""],
+            [b"x" * 129],
+            [b"sp ace"],
+            [b"a", b"b"],
+            [b"\xff"],
+        ):
+            generated = request_id(values)
+            self.assertEqual(len(generated), 32, values)
+            self.assertNotEqual(generated, request_id(values))
+
+
+class TrustTests(SynchronousTestCase):
+    def test_membership(self):
+        trusted = TrustedProxies(
+            [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32")]
+        )
+        self.assertTrue(trusted.contains("10.1.2.3"))
+        self.assertTrue(trusted.contains("::ffff:10.1.2.3"))
+        self.assertTrue(trusted.contains("2001:db8::5"))
+        self.assertFalse(trusted.contains("11.0.0.1"))
+        self.assertFalse(trusted.contains("unknown"))
+        self.assertFalse(TrustedProxies([]).contains("10.1.2.3"))
