@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import IO, cast
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectError, ConnectingCancelledError
 from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.internet.interfaces import (
@@ -202,9 +202,13 @@ class _Exchange:
         self.timer = self.forwarder.clock.callLater(
             self.pool.config.response_timeout, self._time_out
         )
-        d = self.pending = backend.client.request(
-            self.method, self.target, self.headers, self.body
-        )
+        try:
+            d = backend.client.request(
+                self.method, self.target, self.headers, self.body
+            )
+        except Exception:
+            d = fail()
+        self.pending = d
         d.addCallbacks(
             self._got_response,
             self._failed,

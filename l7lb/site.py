@@ -113,7 +113,7 @@ class BalancerRequest(http.Request):
         if self.channel is None or self.finished:
             return
         content = errors.body(status)
-        self.setResponseCode(status)
+        self.setResponseCode(status, errors.reason(status))
         self.responseHeaders = response = Headers()
         response.setRawHeaders(b"Content-Type", [errors.CONTENT_TYPE])
         response.setRawHeaders(b"Content-Length", [b"%d" % len(content)])

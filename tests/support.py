@@ -285,6 +285,16 @@ class IntegrationTest(TestCase):
         self.addCleanup(service.stopService)
         return service
 
+    def one_pool(
+        self, *servers: str, pool_options: str = "", lb_options: str = ""
+    ) -> BalancerService:
+        """
+        A balancer sending every request to one pool C{p} of C{servers}.
+        """
+        pool = "\n".join(["[pool:p]", "servers = " + " ".join(servers), pool_options])
+        lb = "[lb]\nlisten = tcp:0:interface=127.0.0.1\naccess_log = off\n" + lb_options
+        return self.balancer(f"{lb}\n{pool}\n[route:all]\npool = p\n")
+
     @staticmethod
     def port_of(service: BalancerService) -> int:
         listener = service.listeners[0]

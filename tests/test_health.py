@@ -198,20 +198,10 @@ class HealthTrafficTests(IntegrationTest):
     def test_unhealthy_backend_leaves_rotation_and_returns(self):
         a = self.backend("a")
         b = self.backend("b")
-        service = self.balancer(
-            f"""
-            [pool:p]
-            servers =
-                {a.url}
-                {b.url}
-            health_path = /health
-            health_interval = 50ms
-            health_timeout = 1s
-            rise = 2
-            fall = 2
-            [route:all]
-            pool = p
-            """
+        service = self.one_pool(
+            a.url,
+            b.url,
+            pool_options="health_path = /health\nhealth_interval = 50ms\nhealth_timeout = 1s\nrise = 2\nfall = 2",
         )
         port = self.port_of(service)
         backend_a = service.pools["p"].backends[0]
@@ -234,17 +224,9 @@ class HealthTrafficTests(IntegrationTest):
     def test_all_out_of_rotation_is_503_with_retry_after(self):
         a = self.backend("a")
         a.health_status = 500
-        service = self.balancer(
-            f"""
-            [pool:p]
-            servers = {a.url}
-            health_path = /health
-            health_interval = 2s
-            rise = 3
-            fall = 1
-            [route:all]
-            pool = p
-            """
+        service = self.one_pool(
+            a.url,
+            pool_options="health_path = /health\nhealth_interval = 2s\nrise = 3\nfall = 1",
         )
         backend_a = service.pools["p"].backends[0]
         yield self.until(lambda: not backend_a.in_rotation)

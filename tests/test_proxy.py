@@ -330,14 +330,7 @@ class HeaderTests(IntegrationTest):
             )
 
         port = self.one_shot_backend(serve)
-        service = self.balancer(
-            f"""
-            [pool:raw]
-            servers = http://127.0.0.1:{port}
-            [route:all]
-            pool = raw
-            """
-        )
+        service = self.one_pool(f"http://127.0.0.1:{port}")
         reply = yield fetch(self.port_of(service), "/")
         self.assertEqual(
             (reply.status, reply.reason, reply.body), (200, "Fine Thanks", b"ok")
@@ -373,14 +366,7 @@ class BodyTests(IntegrationTest):
     @inlineCallbacks
     def setUp(self):
         self.a = self.backend("a")
-        self.service = self.balancer(
-            f"""
-            [pool:a]
-            servers = {self.a.url}
-            [route:all]
-            pool = a
-            """
-        )
+        self.service = self.one_pool(self.a.url)
         self.port = self.port_of(self.service)
         yield None
 
@@ -459,14 +445,7 @@ class KeepAliveTests(IntegrationTest):
     @inlineCallbacks
     def test_backend_connections_reused(self):
         a = self.backend("a")
-        service = self.balancer(
-            f"""
-            [pool:a]
-            servers = {a.url}
-            [route:all]
-            pool = a
-            """
-        )
+        service = self.one_pool(a.url)
         session = Session(self.port_of(service))
         self.addCleanup(session.close)
         for _ in range(50):
@@ -480,16 +459,7 @@ class ErrorTests(IntegrationTest):
     @inlineCallbacks
     def test_refused_backend_retried_on_another(self):
         a = self.backend("a")
-        service = self.balancer(
-            f"""
-            [pool:p]
-            servers =
-                http://127.0.0.1:{closed_port()}
-                {a.url}
-            [route:all]
-            pool = p
-            """
-        )
+        service = self.one_pool(f"http://127.0.0.1:{closed_port()}", a.url)
         port = self.port_of(service)
         for method in ("GET", "POST"):
             for _ in range(4):
@@ -501,15 +471,8 @@ class ErrorTests(IntegrationTest):
 
     @inlineCallbacks
     def test_refused_everywhere_is_502(self):
-        service = self.balancer(
-            f"""
-            [pool:p]
-            servers =
-                http://127.0.0.1:{closed_port()}
-                http://127.0.0.1:{closed_port()}
-            [route:all]
-            pool = p
-            """
+        service = self.one_pool(
+            f"http://127.0.0.1:{closed_port()}", f"http://127.0.0.1:{closed_port()}"
         )
         reply = yield fetch(self.port_of(service), "/")
         self.assertEqual(reply.status, 502)
@@ -549,16 +512,7 @@ class ErrorTests(IntegrationTest):
 
         good = self.backend("good")
         bad_port = reset_backend()
-        service = self.balancer(
-            f"""
-            [pool:p]
-            servers =
-                http://127.0.0.1:{bad_port}
-                {good.url}
-            [route:all]
-            pool = p
-            """
-        )
+        service = self.one_pool(f"http://127.0.0.1:{bad_port}", good.url)
         port = self.port_of(service)
         reply = yield fetch(port, "/first")
         self.assertEqual(reply.status, 200)
@@ -574,15 +528,7 @@ class ErrorTests(IntegrationTest):
     @inlineCallbacks
     def test_no_headers_within_response_timeout_is_504(self):
         a = self.backend("a")
-        service = self.balancer(
-            f"""
-            [pool:p]
-            servers = {a.url}
-            response_timeout = 300ms
-            [route:all]
-            pool = p
-            """
-        )
+        service = self.one_pool(a.url, pool_options="response_timeout = 300ms")
         reply = yield fetch(self.port_of(service), "/hang")
         self.assertEqual(reply.status, 504)
         self.assertEqual(reply.body, b"504 Gateway Timeout\n")
@@ -591,14 +537,7 @@ class ErrorTests(IntegrationTest):
     @inlineCallbacks
     def test_backend_dying_mid_body_closes_client(self):
         a = self.backend("a")
-        service = self.balancer(
-            f"""
-            [pool:p]
-            servers = {a.url}
-            [route:all]
-            pool = p
-            """
-        )
+        service = self.one_pool(a.url)
         port = self.port_of(service)
         for path in ("/cut/100000", "/cut-chunked"):
             raw = yield exchange(
@@ -616,14 +555,7 @@ class ErrorTests(IntegrationTest):
     @inlineCallbacks
     def test_client_disconnect_aborts_backend_request(self):
         a = self.backend("a")
-        service = self.balancer(
-            f"""
-            [pool:p]
-            servers = {a.url}
-            [route:all]
-            pool = p
-            """
-        )
+        service = self.one_pool(a.url)
         client = socket.create_connection(("127.0.0.1", self.port_of(service)))
         client.sendall(b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n")
         yield self.until(lambda: len(a.hanging) == 1)

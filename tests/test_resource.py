@@ -1,0 +1,202 @@
+"""
+The balancer resource and forwarding path without sockets: a channel on a
+StringTransport, backends behind treq's RequestTraversalAgent, time on a
+Clock.
+"""
+
+from __future__ import annotations
+
+from treq.testing import RequestTraversalAgent
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from l7lb.accesslog import AccessLog
+from l7lb.balancing import balancer_for
+from l7lb.config import LBConfig, PoolConfig, RouteConfig, ServerConfig
+from l7lb.pool import Backend, Pool
+from l7lb.proxy import Forwarder
+from l7lb.resource import BalancerResource
+from l7lb.routing import RouteMap
+from l7lb.site import BalancerSite
+from l7lb.trust import TrustedProxies
+
+
+class InMemoryUpstream:
+    """
+    The in-memory twin of L{l7lb.upstream.Upstream}: requests are served by
+    a twisted.web resource through treq's RequestTraversalAgent.
+    """
+
+    def __init__(self, resource: Resource) -> None:
+        self.agent = RequestTraversalAgent(resource)
+        self.calls = 0
+
+    def request(self, method, target, headers, body):
+        self.calls += 1
+        return self.agent.request(method, b"http://backend" + target, headers, body)
+
+    def close(self):
+        return succeed(None)
+
+
+class Refusing:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def request(self, method, target, headers, body):
+        self.calls += 1
+        return fail(ConnectionRefusedError())
+
+    def close(self):
+        return succeed(None)
+
+
+class Hanging:
+    def __init__(self) -> None:
+        self.pending: list[Deferred] = []
+        self.cancelled = 0
+
+    def request(self, method, target, headers, body):
+        d: Deferred = Deferred(lambda _: setattr(self, "cancelled", self.cancelled + 1))
+        self.pending.append(d)
+        return d
+
+    def close(self):
+        return succeed(None)
+
+
+class Hello(Resource):
+    isLeaf = True
+
+    def __init__(self, name: bytes) -> None:
+        super().__init__()
+        self.name = name
+        self.held: list = []
+
+    def render(self, request):
+        if request.path == b"/hold":
+            self.held.append(request)
+            return NOT_DONE_YET
+        request.setHeader(b"X-Seen-Host", request.getHeader(b"host") or b"-")
+        return b"hello from " + self.name + b" " + request.uri
+
+
+def server(name: str) -> ServerConfig:
+    return ServerConfig(f"http://{name}:80", "http", name, 80)
+
+
+class ForwardingTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+
+    def site(self, clients, balance="round_robin", response_timeout=30.0):
+        config = PoolConfig(
+            "p",
+            tuple(server(f"b{i}") for i in range(len(clients))),
+            balance,
+            response_timeout=response_timeout,
+        )
+        backends = [Backend(s, c) for s, c in zip(config.servers, clients, strict=True)]
+        pool = Pool(config, backends, balancer_for(balance))
+        routes = RouteMap(
+            [RouteConfig("r", "p", path_prefix=b"/app", strip_prefix=True)]
+        )
+        resource = BalancerResource(
+            routes, {"p": pool}, Forwarder(self.clock, TrustedProxies(()))
+        )
+        self.pool = pool
+        return BalancerSite(
+            resource, LBConfig(), AccessLog(None, self.clock), self.clock, 60
+        )
+
+    def connect(self, site):
+        channel = site.buildProtocol(IPv4Address("TCP", "192.0.2.1", 5555))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 5555))
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def test_request_relayed_with_prefix_stripped(self):
+        upstream = InMemoryUpstream(Hello(b"one"))
+        channel, transport = self.connect(self.site([upstream]))
+        channel.dataReceived(b"GET /app/x?q=1 HTTP/1.1\r\nHost: shop\r\n\r\n")
+        upstream.agent.flush()
+        response = transport.value()
+        self.assertTrue(response.startswith(b"HTTP/1.1 200 OK\r\n"), response)
+        self.assertIn(b"X-Seen-Host: shop\r\n", response)
+        self.assertIn(b"Via: 1.1 l7lb\r\n", response)
+        self.assertTrue(response.endswith(b"hello from one /x?q=1"), response)
+        self.assertEqual(self.pool.backends[0].inflight, 0)
+
+    def test_no_route(self):
+        channel, transport = self.connect(self.site([InMemoryUpstream(Hello(b"one"))]))
+        channel.dataReceived(b"GET /other HTTP/1.1\r\nHost: shop\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 404 Not Found\r\n"))
+        self.assertTrue(transport.value().endswith(b"\r\n\r\n404 Not Found\n"))
+
+    def test_refused_then_retried_elsewhere(self):
+        refusing, upstream = Refusing(), InMemoryUpstream(Hello(b"two"))
+        channel, transport = self.connect(self.site([refusing, upstream]))
+        channel.dataReceived(
+            b"POST /app HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nhi"
+        )
+        upstream.agent.flush()
+        self.assertEqual((refusing.calls, upstream.calls), (1, 1))
+        self.assertIn(b"hello from two /", transport.value())
+
+    def test_refused_everywhere(self):
+        channel, transport = self.connect(self.site([Refusing(), Refusing()]))
+        channel.dataReceived(b"GET /app HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 502 Bad Gateway\r\n"))
+        self.assertEqual([b.inflight for b in self.pool.backends], [0, 0])
+
+    def test_all_out_of_rotation(self):
+        channel, transport = self.connect(self.site([Refusing()]))
+        self.pool.backends[0].in_rotation = False
+        channel.dataReceived(b"GET /app HTTP/1.1\r\nHost: h\r\n\r\n")
+        value = transport.value()
+        self.assertTrue(value.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"))
+        self.assertIn(b"Retry-After: 1\r\n", value)
+
+    def test_response_timeout_is_504(self):
+        hanging = Hanging()
+        channel, transport = self.connect(self.site([hanging], response_timeout=5.0))
+        channel.dataReceived(b"GET /app HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.clock.advance(4.9)
+        self.assertEqual(transport.value(), b"")
+        self.clock.advance(0.1)
+        self.assertTrue(
+            transport.value().startswith(b"HTTP/1.1 504 Gateway Timeout\r\n"),
+            transport.value(),
+        )
+        self.assertEqual(hanging.cancelled, 1)
+        self.assertEqual(self.pool.backends[0].inflight, 0)
+
+    def test_client_gone_cancels_backend_request(self):
+        hanging = Hanging()
+        channel, _transport = self.connect(self.site([hanging]))
+        channel.dataReceived(b"GET /app HTTP/1.1\r\nHost: h\r\n\r\n")
+        channel.connectionLost(ConnectionRefusedError())
+        self.assertEqual(hanging.cancelled, 1)
+        self.assertEqual(self.pool.backends[0].inflight, 0)
+        self.clock.advance(60)  # the response timer was cancelled too
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_least_connections_sees_in_flight(self):
+        hold_a, hold_b = Hello(b"a"), Hello(b"b")
+        a, b = InMemoryUpstream(hold_a), InMemoryUpstream(hold_b)
+        site = self.site([a, b], balance="least_connections")
+        for _ in range(3):
+            channel, _ = self.connect(site)
+            channel.dataReceived(b"GET /app/hold HTTP/1.1\r\nHost: h\r\n\r\n")
+            a.agent.flush()
+            b.agent.flush()
+        self.assertEqual([x.inflight for x in self.pool.backends], [2, 1])
+        hold_a.held[0].finish()
+        a.agent.flush()
+        self.assertEqual([x.inflight for x in self.pool.backends], [1, 1])
