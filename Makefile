@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-CONFIG ?= conf/lb.ini
+CONFIG ?= conf/demo.ini
 DEMO_PORTS := 8081 8082 8083 8084
 
 .PHONY: demo test install lint typecheck unit bench clean
@@ -19,8 +19,10 @@ install: $(BIN)/twistd
 	$(BIN)/pip install --quiet --no-deps --force-reinstall .
 
 demo: install
-	@echo "demo: backends on 127.0.0.1:$(DEMO_PORTS), balancer on http://127.0.0.1:8080"
+	@$(BIN)/python -m l7lb.demo --make-certificate demo/localhost.pem
+	@echo "demo: backends on 127.0.0.1:$(DEMO_PORTS); balancer on http://127.0.0.1:8080 and https://localhost:8443"
 	@echo "try: curl -i http://127.0.0.1:8080/apiA/hello"
+	@echo "     curl -ik --http2 https://localhost:8443/apiB/hello"
 	@$(BIN)/python -m l7lb.demo $(DEMO_PORTS) > /dev/null 2>&1 & \
 	  backends=$$!; trap 'kill $$backends' EXIT INT TERM; \
 	  $(BIN)/twistd --nodaemon --pidfile= l7lb --config $(CONFIG)

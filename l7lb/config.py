@@ -21,6 +21,7 @@ from typing import TypeVar
 from twisted.internet.endpoints import serverFromString
 
 from l7lb import units
+from l7lb.certificates import load_ca_certificates, load_certificate_file
 from l7lb.paths import BadTarget, normalise_path
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -91,6 +92,8 @@ class PoolConfig:
     response_timeout: float = 30.0
     keepalive_connections: int = 256
     keepalive_timeout: float = 60.0
+    tls_verify: bool = True
+    tls_ca: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +122,8 @@ class RouteConfig:
     header: tuple[bytes, bytes] | None = None
     strip_prefix: bool = False
     rate_limit: RateLimitConfig | None = None
+    redirect_https: bool = False
+    hsts: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +151,7 @@ class LBConfig:
     max_uri_length: int = 8 * 1024
     max_body_size: int = 100 * 1024 * 1024
     keepalive_timeout: float = 60.0
+    tls_handshake_timeout: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +215,8 @@ _KNOWN_POOL_KEYS = frozenset(
         "response_timeout",
         "keepalive_connections",
         "keepalive_timeout",
+        "tls_verify",
+        "tls_ca",
     }
 )
 _KNOWN_ROUTE_KEYS = frozenset(
@@ -222,6 +230,8 @@ _KNOWN_ROUTE_KEYS = frozenset(
         "rate_limit",
         "burst",
         "rate_limit_key",
+        "redirect_https",
+        "hsts",
     }
 )
 _KNOWN_LB_KEYS = frozenset(
@@ -234,6 +244,7 @@ _KNOWN_LB_KEYS = frozenset(
         "max_uri_length",
         "max_body_size",
         "keepalive_timeout",
+        "tls_handshake_timeout",
     }
 )
 _KNOWN_TLS_KEYS = frozenset({"certificates", "min_version", "alpn"})
@@ -355,6 +366,9 @@ class _Reader:
             keepalive_timeout=self.value(
                 section, "keepalive_timeout", _positive_duration, 60.0
             ),
+            tls_handshake_timeout=self.value(
+                section, "tls_handshake_timeout", _positive_duration, 10.0
+            ),
         )
 
     def endpoints(self, text: str) -> list[str]:
@@ -384,7 +398,7 @@ class _Reader:
 
     def read_tls(self, section: str) -> TLSConfig:
         self.unknown_keys(section, _KNOWN_TLS_KEYS)
-        certificates = tuple(self.value(section, "certificates", self.files, ()))
+        certificates = tuple(self.value(section, "certificates", self.certificates, ()))
         if not self.parser.has_option(section, "certificates"):
             self.problem(section, "certificates", "at least one PEM file is needed")
         min_version = self.value(
@@ -393,14 +407,18 @@ class _Reader:
         alpn = tuple(self.value(section, "alpn", _alpn, ("h2", "http/1.1")))
         return TLSConfig(certificates, min_version, alpn)
 
-    def files(self, text: str) -> list[str]:
+    def certificates(self, text: str) -> list[str]:
         paths = [self.relative(p) for p in units.parse_list(text)]
         if not paths:
             raise ValueError("at least one PEM file is needed")
         for path in paths:
-            if not os.access(path, os.R_OK):
-                raise ValueError(f"cannot read {path}")
+            load_certificate_file(path)
         return paths
+
+    def ca_file(self, text: str) -> str:
+        path = self.relative(text.strip())
+        load_ca_certificates(path)
+        return path
 
     def read_pool(self, section: str, name: str) -> PoolConfig:
         self.unknown_keys(section, _KNOWN_POOL_KEYS)
@@ -412,6 +430,10 @@ class _Reader:
         balance = self.value(
             section, "balance", _one_of(*BALANCE_STRATEGIES), "round_robin"
         )
+        if not any(server.scheme == "https" for server in servers):
+            for key in ("tls_verify", "tls_ca"):
+                if self.parser.has_option(section, key):
+                    self.notice(section, key, "has no effect without https:// servers")
         if balance == "round_robin" and any(s.weight != 1 for s in servers):
             self.notice(
                 section,
@@ -439,6 +461,8 @@ class _Reader:
             keepalive_timeout=self.value(
                 section, "keepalive_timeout", _positive_duration, 60.0
             ),
+            tls_verify=self.value(section, "tls_verify", units.parse_bool, True),
+            tls_ca=self.value(section, "tls_ca", self.ca_file, None),
         )
 
     def read_health(self, section: str) -> HealthCheckConfig | None:
@@ -478,6 +502,10 @@ class _Reader:
             header=self.value(section, "header", _header_condition, None),
             strip_prefix=strip_prefix,
             rate_limit=self.read_rate_limit(section),
+            redirect_https=self.value(
+                section, "redirect_https", units.parse_bool, False
+            ),
+            hsts=self.value(section, "hsts", _hsts, None),
         )
 
     def read_rate_limit(self, section: str) -> RateLimitConfig | None:
@@ -531,21 +559,18 @@ class _Reader:
             )
         if lb.tls_listen and tls is None:
             self.problem("lb", "tls_listen", "needs a [tls] section with certificates")
-        if lb.tls_listen:
-            self.notice(
-                "lb",
-                "tls_listen",
-                "parsed but not served yet (TLS termination is planned); "
-                "these endpoints are not opened",
-            )
-        elif tls is not None:
+        if tls is not None and not lb.tls_listen:
             self.notice("tls", None, "has no effect without tls_listen in [lb]")
-        for pool in pools:
-            if any(server.scheme == "https" for server in pool.servers):
+        for route in routes:
+            if route.redirect_https and not lb.tls_listen:
                 self.problem(
-                    f"pool:{pool.name}",
-                    "servers",
-                    "https:// backends are not supported yet (use http://)",
+                    f"route:{route.name}",
+                    "redirect_https",
+                    "needs a tls_listen endpoint in [lb] to redirect to",
+                )
+            if route.hsts is not None and not lb.tls_listen:
+                self.notice(
+                    f"route:{route.name}", "hsts", "has no effect without tls_listen"
                 )
 
 
@@ -707,6 +732,25 @@ def _header_condition(text: str) -> tuple[bytes, bytes]:
     if not sep or not _TOKEN.fullmatch(name) or not value:
         raise ValueError(f"expected 'Header-Name: value', got {text.strip()!r}")
     return name.lower().encode("ascii"), value.encode("utf-8")
+
+
+def _hsts(text: str) -> bytes:
+    """
+    C{1y}, optionally followed by C{includeSubDomains} and/or C{preload}: the
+    Strict-Transport-Security value.
+    """
+    words = text.split()
+    if not words:
+        raise ValueError("expected a duration like 1y, optionally includeSubDomains")
+    value = f"max-age={int(units.parse_duration(words[0]))}"
+    for word in words[1:]:
+        if word.lower() == "includesubdomains":
+            value += "; includeSubDomains"
+        elif word.lower() == "preload":
+            value += "; preload"
+        else:
+            raise ValueError(f"expected includeSubDomains or preload, got {word!r}")
+    return value.encode("ascii")
 
 
 def _rate_limit_key(text: str) -> str:

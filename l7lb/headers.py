@@ -147,11 +147,13 @@ def downstream_response_headers(
     via: bytes,
     request_id: bytes,
     content_length: bytes | None,
+    hsts: bytes | None = None,
 ) -> Headers:
     """
     The headers to send the client for a backend response. C{connection} is
     the backend's Connection header, C{content_length} its Content-Length
-    when the body is length-delimited.
+    when the body is length-delimited; C{hsts} a Strict-Transport-Security
+    value of the route's, for TLS responses.
     """
     raw = incoming._rawHeaders
     dropped = connection_tokens(connection)
@@ -164,6 +166,8 @@ def downstream_response_headers(
         out[b"Content-Length"] = [content_length]
     out[b"Via"] = [_append(raw.get(b"Via"), via)]
     out[b"X-Request-Id"] = [request_id]
+    if hsts is not None:
+        out[b"Strict-Transport-Security"] = [hsts]
     headers = Headers()
     headers._rawHeaders = out
     return headers

@@ -267,7 +267,7 @@ class HealthService(Service):
 
 def checkers_for(
     pools: list[Pool],
-    client_for: Callable[[Backend, HealthCheckConfig], _HTTPClient],
+    client_for: Callable[[Pool, Backend, HealthCheckConfig], _HTTPClient],
     clock: IReactorTime,
 ) -> list[HealthChecker]:
     """
@@ -279,7 +279,7 @@ def checkers_for(
         if check is None:
             continue
         for backend in pool.backends:
-            url = f"http://{backend.address}{check.path}"
-            probe = HTTPProbe(client_for(backend, check), url, check, clock)
+            url = f"{backend.config.scheme}://{backend.address}{check.path}"
+            probe = HTTPProbe(client_for(pool, backend, check), url, check, clock)
             checkers.append(HealthChecker(pool.name, backend, probe, check, clock))
     return checkers

@@ -278,6 +278,7 @@ class _Exchange:
             via=b"%d.%d l7lb" % response.version[1:],
             request_id=request.request_id,
             content_length=_content_length(response, self.method),
+            hsts=request.hsts,
         )
         self.relay = _ResponseRelay(self, backend)
         response.deliverBody(self.relay)

@@ -6,7 +6,7 @@ consults the route map and hands the request to the forwarder.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -21,18 +21,24 @@ from l7lb.site import BalancerRequest
 
 class BalancerResource(Resource):
     """
-    Routes each request to its pool; answers 400 and 404 itself.
+    Routes each request to its pool; answers 400, 404 and HTTPS redirects
+    itself. C{https_port} tells where the TLS listener is, for redirects.
     """
 
     isLeaf = True
 
     def __init__(
-        self, routes: RouteMap, pools: Mapping[str, Pool], forwarder: Forwarder
+        self,
+        routes: RouteMap,
+        pools: Mapping[str, Pool],
+        forwarder: Forwarder,
+        https_port: Callable[[], int | None] = lambda: None,
     ) -> None:
         super().__init__()
         self.routes = routes
         self.pools = pools
         self.forwarder = forwarder
+        self.https_port = https_port
 
     def render(self, request: BalancerRequest) -> int:
         headers = request.requestHeaders
@@ -50,11 +56,28 @@ class BalancerResource(Resource):
             request.respond_error(404)
             return NOT_DONE_YET
         request.route_name = route.name
+        if request.scheme == b"https":
+            request.hsts = route.hsts
+        elif route.redirect_https:
+            self._redirect(request, host, target.forwarded())
+            return NOT_DONE_YET
         path = target.path
         if route.strip_prefix and route.path_prefix is not None:
             path = strip_prefix(path, route.path_prefix)
         self.forwarder.forward(request, self.pools[route.pool], target.forwarded(path))
         return NOT_DONE_YET
+
+    def _redirect(
+        self, request: BalancerRequest, host: bytes | None, target: bytes
+    ) -> None:
+        """
+        308 to the same target on the TLS listener: the method and body are
+        kept by the client, unlike with 301.
+        """
+        name = host_name(host) if host else request.getHost().host.encode()
+        port = self.https_port()
+        authority = name if port in (None, 443) else b"%s:%d" % (name, port)
+        request.respond_error(308, {b"Location": b"https://" + authority + target})
 
     @staticmethod
     def _host(request: BalancerRequest, authority: bytes | None) -> bytes | None:

@@ -15,6 +15,7 @@ accepts traffic only once everything behind it runs.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from treq.client import HTTPClient
@@ -31,6 +32,7 @@ from twisted.python.failure import Failure
 
 from l7lb.accesslog import AccessLog, AccessLogService
 from l7lb.balancing import balancer_for
+from l7lb.certificates import expiry_warnings, load_certificate_file
 from l7lb.config import Config, HealthCheckConfig
 from l7lb.health import HealthService, checkers_for
 from l7lb.pool import Backend, Pool
@@ -38,6 +40,7 @@ from l7lb.proxy import Forwarder
 from l7lb.resource import BalancerResource
 from l7lb.routing import RouteMap
 from l7lb.site import BalancerSite
+from l7lb.tls import ServerTLS, tls_server_factory
 from l7lb.trust import TrustedProxies
 from l7lb.upstream import (
     Upstream,
@@ -46,6 +49,8 @@ from l7lb.upstream import (
     fixed_agent,
     quiet_pool,
 )
+
+log = Logger()
 
 
 class ListenFailed(Exception):
@@ -125,6 +130,18 @@ class BalancerService(MultiService):
         self.config = config
         self.pools = pools
         self.listeners: list[ListenerService] = []
+        self.tls_listeners: list[ListenerService] = []
+
+    def https_port(self) -> int | None:
+        """
+        The port of the first TLS listener, where plain-HTTP requests to a
+        C{redirect_https} route are sent.
+        """
+        for listener in self.tls_listeners:
+            if listener.port is not None:
+                port: int | None = getattr(listener.port.getHost(), "port", None)
+                return port
+        return None
 
     def startService(self) -> None:
         try:
@@ -157,21 +174,25 @@ def build(
             pool_config, backends, balancer_for(pool_config.balance)
         )
 
+    root = BalancerService(config, pools)
     forwarder = Forwarder(reactor, TrustedProxies(config.lb.trusted_proxies))
-    resource = BalancerResource(RouteMap(config.routes), pools, forwarder)
+    resource = BalancerResource(
+        RouteMap(config.routes), pools, forwarder, root.https_port
+    )
     access_log = AccessLog.open(config.lb.access_log, reactor)
     site = BalancerSite(
         resource, config.lb, access_log, reactor, timeout=config.lb.keepalive_timeout
     )
 
-    root = BalancerService(config, pools)
     # Probes open a connection of their own each time (as HAProxy's do):
     # that checks the backend still accepts, and no stale connection can fail
     # a probe.
     probe_connections = quiet_pool(reactor, persistent=False)
 
-    def probe_client(backend: Backend, check: HealthCheckConfig) -> HTTPClient:
-        endpoint = client_endpoint(reactor, backend.config, check.timeout)
+    def probe_client(
+        pool: Pool, backend: Backend, check: HealthCheckConfig
+    ) -> HTTPClient:
+        endpoint = client_endpoint(reactor, backend.config, pool.config, check.timeout)
         return HTTPClient(fixed_agent(reactor, endpoint, probe_connections))
 
     HealthService(
@@ -186,4 +207,29 @@ def build(
         )
         listener.setServiceParent(root)
         root.listeners.append(listener)
+    if config.tls is not None and config.lb.tls_listen:
+        certificates = [load_certificate_file(p) for p in config.tls.certificates]
+        for warning in expiry_warnings(certificates, datetime.now(UTC)):
+            log.warn("{warning}", warning=warning)
+        tls_site = BalancerSite(
+            resource,
+            config.lb,
+            access_log,
+            reactor,
+            timeout=config.lb.keepalive_timeout,
+            scheme=b"https",
+        )
+        factory = tls_server_factory(
+            tls_site,
+            ServerTLS(config.tls, certificates),
+            reactor,
+            config.lb.tls_handshake_timeout,
+        )
+        for description in config.lb.tls_listen:
+            listener = ListenerService(
+                serverFromString(reactor, description), factory, description
+            )
+            listener.setServiceParent(root)
+            root.listeners.append(listener)
+            root.tls_listeners.append(listener)
     return root

@@ -20,6 +20,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
+from twisted.web.http import _GenericHTTPChannelProtocol
 from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
 
@@ -41,14 +42,18 @@ class BalancerRequest(http.Request):
     request_id = b"-"
     note = ""
     refused = False
-    scheme = b"http"
+    hsts: bytes | None = None
     _logged = False
 
     def __init__(self, channel: BalancerChannel, queued: object = None) -> None:
         super().__init__(channel)
         self.site: BalancerSite = channel.site
+        self.scheme = self.site.scheme
         self.started = self.site.clock.seconds()
         self.body_size = 0
+        # HTTP/1.x requests arrive on l7lb's own channel, which enforces the
+        # head limits itself; HTTP/2 streams are checked here.
+        self.http2 = not isinstance(channel, BalancerChannel)
 
     @property
     def client_ip(self) -> str:
@@ -59,18 +64,39 @@ class BalancerRequest(http.Request):
         return host if isinstance(host, str) and host else "unknown"
 
     def gotLength(self, length: int | None) -> None:
-        if length is not None and length > self.site.limits.max_body_size:
+        limits = self.site.limits
+        if length is not None and length > limits.max_body_size:
             super().gotLength(0)
-            self.channel.refuse(413)
+            self.refuse(413)
             return
         super().gotLength(length)
+        if self.http2:
+            stream: Any = self.channel
+            if len(stream.path or b"") > limits.max_uri_length:
+                self.refuse(414)
+            elif _header_block_size(self.requestHeaders) > limits.max_header_size:
+                self.refuse(431)
+
+    def refuse(self, status: int) -> None:
+        """
+        Refuse the request while it is being received: HTTP/1.x answers and
+        closes the connection, HTTP/2 answers on the stream alone.
+        """
+        if not self.http2:
+            self.channel.refuse(status)
+            return
+        stream: Any = self.channel
+        self.refused = True
+        self.method, self.uri, self.clientproto = stream.command, stream.path, b"HTTP/2"
+        self.note = "refused"
+        self.respond_error(status)
 
     def handleContentChunk(self, data: bytes) -> None:
         if self.refused:
             return
         self.body_size += len(data)
         if self.body_size > self.site.limits.max_body_size:
-            self.channel.refuse(413)
+            self.refuse(413)
             return
         assert self.content is not None
         self.content.write(data)
@@ -119,8 +145,10 @@ class BalancerRequest(http.Request):
         response.setRawHeaders(b"Content-Length", [b"%d" % len(content)])
         if self.request_id != b"-":
             response.setRawHeaders(b"X-Request-Id", [self.request_id])
-        if not self.channel.persistent:
+        if not getattr(self.channel, "persistent", True):
             response.setRawHeaders(b"Connection", [b"close"])
+        if self.hsts is not None:
+            response.setRawHeaders(b"Strict-Transport-Security", [self.hsts])
         for name, value in (headers or {}).items():
             response.setRawHeaders(name, [value])
         self.write(content)
@@ -137,7 +165,12 @@ class BalancerRequest(http.Request):
         """
         self.note = note
         self.log_access()
-        if self.channel is not None:
+        if self.channel is None:
+            return
+        if self.http2:
+            stream: Any = self.channel
+            stream.abortConnection()  # RST_STREAM: the connection's other streams go on
+        else:
             self.channel.loseConnection()
 
     def connectionLost(self, reason: Failure) -> None:
@@ -227,13 +260,30 @@ class BalancerChannel(http.HTTPChannel):
         self.loseConnection()
 
 
+def _header_block_size(headers: Headers) -> int:
+    return sum(
+        len(name) + len(value) + 4
+        for name, values in headers.getAllRawHeaders()
+        for value in values
+    )
+
+
+def _balancer_protocol() -> _GenericHTTPChannelProtocol:
+    """
+    A connection that speaks HTTP/1.x through L{BalancerChannel}, or HTTP/2
+    when TLS negotiated C{h2} by ALPN (twisted.web's own switch).
+    """
+    return _GenericHTTPChannelProtocol(BalancerChannel())
+
+
 class BalancerSite(server.Site):
     """
     Serves every request with one resource, the balancer, under l7lb's limits.
+    C{scheme} is C{https} for a TLS listener's site.
     """
 
     requestFactory = BalancerRequest  # type: ignore[assignment]
-    protocol = BalancerChannel  # type: ignore[assignment]
+    protocol = staticmethod(_balancer_protocol)
 
     def __init__(
         self,
@@ -242,11 +292,13 @@ class BalancerSite(server.Site):
         access_log: AccessLog,
         clock: IReactorTime,
         timeout: float,
+        scheme: bytes = b"http",
     ) -> None:
         super().__init__(resource, reactor=clock, timeout=timeout)
         self.limits = limits
         self.access_log = access_log
         self.clock = clock
+        self.scheme = scheme
 
     def log(self, request: Any) -> None:
         """

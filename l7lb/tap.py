@@ -55,7 +55,11 @@ def makeService(options: Options) -> IService:
     config = options.config
     for notice in config.notices:
         log.warn("configuration: {notice}", notice=notice)
-    service = build(config, reactor)
+    try:
+        service = build(config, reactor)
+    except ValueError as e:
+        # A certificate changed between validation and start.
+        raise SystemExit(f"l7lb: {e}") from None
     service.exit_on_listen_failure = True
     reactor.callWhenRunning(_ignore_hangup, reactor)
     return service

@@ -12,8 +12,16 @@ from __future__ import annotations
 
 import re
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-_DURATION_FACTORS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w|y)")
+_DURATION_FACTORS = {
+    "ms": 0.001,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+    "d": 86400.0,
+    "w": 7 * 86400.0,
+    "y": 365 * 86400.0,
+}
 
 _SIZE = re.compile(r"(\d+)(B|KiB|MiB|GiB)?")
 _SIZE_FACTORS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
@@ -27,7 +35,8 @@ _FALSE = frozenset({"off", "no", "false"})
 
 def parse_duration(text: str) -> float:
     """
-    A duration such as C{250ms}, C{10s}, C{2m} or C{1h}, in seconds.
+    A duration such as C{250ms}, C{10s}, C{2m}, C{1h}, C{30d}, C{2w} or
+    C{1y} (365 days), in seconds.
 
     A bare number is refused: C{30} could mean seconds or milliseconds, and
     both readings exist in other balancers' configuration files.

@@ -16,6 +16,7 @@ from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
+    wrapClientTLS,
 )
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.web._newclient import HTTP11ClientProtocol, Request
@@ -25,6 +26,7 @@ from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from l7lb.config import PoolConfig, ServerConfig
+from l7lb.tls import backend_tls
 
 
 class UpstreamClient(Protocol):
@@ -103,20 +105,29 @@ class _FixedEndpoint:
 
 
 def client_endpoint(
-    reactor: Any, server: ServerConfig, connect_timeout: float
+    reactor: Any, server: ServerConfig, pool: PoolConfig, connect_timeout: float
 ) -> IStreamClientEndpoint:
     """
     A TCP endpoint for an address literal (no resolver round trip), a
-    resolving one for a name.
+    resolving one for a name; wrapped in TLS for an C{https://} server.
     """
+    endpoint: IStreamClientEndpoint
     try:
         address = ipaddress.ip_address(server.host)
     except ValueError:
-        return HostnameEndpoint(
+        endpoint = HostnameEndpoint(
             reactor, server.host.encode("idna"), server.port, timeout=connect_timeout
         )
-    endpoint_type = TCP6ClientEndpoint if address.version == 6 else TCP4ClientEndpoint
-    return endpoint_type(reactor, server.host, server.port, timeout=connect_timeout)
+    else:
+        endpoint_type = (
+            TCP6ClientEndpoint if address.version == 6 else TCP4ClientEndpoint
+        )
+        endpoint = endpoint_type(
+            reactor, server.host, server.port, timeout=connect_timeout
+        )
+    if server.scheme == "https":
+        endpoint = wrapClientTLS(backend_tls(server, pool), endpoint)
+    return endpoint
 
 
 def quiet_pool(reactor: Any, persistent: bool) -> HTTPConnectionPool:
@@ -154,7 +165,7 @@ class Upstream:
         self.connections._factory = _ClientFactory
         self._agent = fixed_agent(
             reactor,
-            client_endpoint(reactor, server, pool.connect_timeout),
+            client_endpoint(reactor, server, pool, pool.connect_timeout),
             self.connections,
         )
         self._origin = f"http://{server.address}".encode("ascii")

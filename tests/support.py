@@ -22,6 +22,7 @@ from typing import Any
 from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IPushProducer
+from twisted.internet.ssl import PrivateCertificate
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.http import HTTPChannel
@@ -224,18 +225,30 @@ class FakeBackend:
             }
         ).encode()
 
-    def start(self) -> int:
+    scheme: str = "http"
+
+    def start(self, certificate: str | None = None) -> int:
+        """
+        Listen on an ephemeral port; over TLS with C{certificate} (a PEM file
+        holding a key and its certificate) when given.
+        """
         site = Site(_Handler(self))
         site.protocol = _RecordingChannel  # type: ignore[assignment]
         site.backend = self  # type: ignore[attr-defined]
         site.noisy = False
-        self.listening = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]
+        if certificate is None:
+            self.listening = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]
+        else:
+            with open(certificate) as f:
+                options = PrivateCertificate.loadPEM(f.read()).options()
+            self.listening = reactor.listenSSL(0, site, options, interface="127.0.0.1")  # type: ignore[attr-defined]
+            self.scheme = "https"
         self.port = self.listening.getHost().port
         return self.port
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def stop(self) -> Deferred[None]:
         for request in self.hanging:
@@ -259,9 +272,9 @@ class IntegrationTest(TestCase):
     Starts fake backends and a real balancer on ephemeral ports.
     """
 
-    def backend(self, name: str) -> FakeBackend:
+    def backend(self, name: str, certificate: str | None = None) -> FakeBackend:
         backend = FakeBackend(name)
-        backend.start()
+        backend.start(certificate)
         self.addCleanup(backend.stop)
         return backend
 

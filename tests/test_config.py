@@ -21,6 +21,7 @@ from l7lb.config import (
     describe,
     load,
 )
+from tests.tlssupport import Certificates
 
 MINIMAL = """
 [lb]
@@ -78,9 +79,7 @@ class LoadTests(ConfigFileMixin, SynchronousTestCase):
 
     def test_full_schema(self):
         directory = self.mktemp()
-        os.makedirs(os.path.join(directory, "tls"))
-        with open(os.path.join(directory, "tls", "example.pem"), "w") as f:
-            f.write("not checked until TLS is served\n")
+        Certificates(os.path.join(directory, "tls")).issue("example", "example.test")
         path = os.path.join(directory, "lb.ini")
         with open(path, "w") as f:
             f.write(
@@ -95,6 +94,7 @@ class LoadTests(ConfigFileMixin, SynchronousTestCase):
                     max_uri_length = 4KiB
                     max_body_size = 10MiB
                     keepalive_timeout = 2m
+                    tls_handshake_timeout = 5s
 
                     [tls]
                     certificates = tls/example.pem
@@ -117,6 +117,7 @@ class LoadTests(ConfigFileMixin, SynchronousTestCase):
                     response_timeout = 1m
                     keepalive_connections = 32
                     keepalive_timeout = 10s
+                    tls_verify = off
 
                     [route:api-a]
                     path_prefix = /apiA/
@@ -128,6 +129,8 @@ class LoadTests(ConfigFileMixin, SynchronousTestCase):
                     rate_limit = 6000/m
                     burst = 20
                     rate_limit_key = header:X-Api-Key
+                    redirect_https = on
+                    hsts = 180d preload
                     """
                 )
             )
@@ -153,6 +156,7 @@ class LoadTests(ConfigFileMixin, SynchronousTestCase):
             (32768, 4096, 10 * 1024 * 1024),
         )
         self.assertEqual(config.lb.keepalive_timeout, 120.0)
+        self.assertEqual(config.lb.tls_handshake_timeout, 5.0)
         assert config.tls is not None
         self.assertEqual(config.tls.min_version, "TLSv1.3")
         self.assertEqual(config.tls.alpn, ("http/1.1",))
@@ -166,19 +170,24 @@ class LoadTests(ConfigFileMixin, SynchronousTestCase):
         self.assertEqual(
             (pool.keepalive_connections, pool.keepalive_timeout), (32, 10.0)
         )
+        self.assertFalse(pool.tls_verify)
         route = config.routes[0]
         self.assertEqual(route.path_prefix, b"/apiA")
         self.assertEqual(route.host, "*.example.com")
         self.assertEqual(route.methods, frozenset({b"GET", b"POST"}))
         self.assertEqual(route.header, (b"x-canary", b"1"))
         self.assertTrue(route.strip_prefix)
+        self.assertTrue(route.redirect_https)
+        self.assertEqual(route.hsts, b"max-age=15552000; preload")
         self.assertEqual(
             route.rate_limit, RateLimitConfig(100.0, 20, "header:x-api-key", "6000/m")
         )
         # Parsed but not acted on yet: said, not silently ignored.
         notices = "\n".join(config.notices)
         self.assertIn("[route:api-a] rate_limit: parsed but not enforced yet", notices)
-        self.assertIn("[lb] tls_listen: parsed but not served yet", notices)
+        self.assertIn(
+            "[pool:a] tls_verify: has no effect without https:// servers", notices
+        )
 
     def test_servers_on_one_line(self):
         config = self.load_text(
@@ -331,7 +340,6 @@ class ProblemTests(ConfigFileMixin, SynchronousTestCase):
             ("http://127.0.0.1:99999", "port 99999 is out of range"),
             ("http://127.0.0.1", "is not a server URL"),
             ("http://[fe80::1::2]:80", "is not an IPv6 address"),
-            ("https://127.0.0.1:443", "https:// backends are not supported yet"),
         ]:
             problems = self.problems(MINIMAL.replace("http://127.0.0.1:8081", servers))
             self.assertEqual(len(problems), 1, problems)

@@ -142,7 +142,8 @@ class PluginTests(SynchronousTestCase):
         broken = os.path.abspath(write(self, MINIMAL + "nonsense = 1\n"))
         result = self.twistd("--nodaemon", "--pidfile=", "l7lb", "--config", broken)
         self.assertEqual(result.returncode, 1)
-        self.assertEqual(
-            result.stderr.strip(),
-            f"{broken}: [route:all] nonsense: unknown key (known: burst, header, host, methods, path_prefix, pool, rate_limit, rate_limit_key, strip_prefix)",
+        self.assertTrue(
+            result.stderr.startswith(f"{broken}: [route:all] nonsense: unknown key"),
+            result.stderr,
         )
+        self.assertEqual(len(result.stderr.splitlines()), 1)

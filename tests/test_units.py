@@ -13,7 +13,10 @@ class UnitTests(SynchronousTestCase):
         self.assertEqual(units.parse_duration(" 10s "), 10.0)
         self.assertEqual(units.parse_duration("2m"), 120.0)
         self.assertEqual(units.parse_duration("1.5h"), 5400.0)
-        for bad in ("10", "s", "-1s", "1 s", "1d", ""):
+        self.assertEqual(units.parse_duration("2d"), 172800.0)
+        self.assertEqual(units.parse_duration("1w"), 604800.0)
+        self.assertEqual(units.parse_duration("1y"), 31536000.0)
+        for bad in ("10", "s", "-1s", "1 s", "1M", ""):
             self.assertRaises(ValueError, units.parse_duration, bad)
 
     def test_sizes(self):
