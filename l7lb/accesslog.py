@@ -85,7 +85,7 @@ class AccessLog:
         now = self._clock.seconds()
         line = b'%s %s "%s %s %s" %d %d %.3f route=%s backend=%s id=%s' % (
             self._timestamp(now),
-            _host(request.getClientAddress()),
+            request.client_address.encode("ascii", "replace"),
             _escape(request.method or b"-"),
             _escape(request.uri or b"-"),
             _escape(request.clientproto or b"-"),

@@ -26,7 +26,13 @@ from l7lb.paths import BadTarget, normalise_path
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-BALANCE_STRATEGIES = ("round_robin", "weighted_round_robin", "least_connections")
+BALANCE_STRATEGIES = (
+    "round_robin",
+    "weighted_round_robin",
+    "least_connections",
+    "power_of_two",
+    "hash",
+)
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -94,18 +100,37 @@ class PoolConfig:
     keepalive_timeout: float = 60.0
     tls_verify: bool = True
     tls_ca: str | None = None
+    hash_key: str = "client_ip"
+    sticky_cookie: str | None = None
+    slow_start: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
 class RateLimitConfig:
     """
     A token bucket: C{rate} tokens per second, at most C{burst} saved up.
+    C{quota} per C{window} seconds is the rate as written (C{6000/m} is 6000
+    per 60), which is how the RateLimit-Policy field states it.
     """
 
     rate: float
     burst: int
     key: str = "client_ip"
     text: str = ""
+    quota: int = 0
+    window: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class AccessRule:
+    """
+    Who may use a route: when C{allow} is set only those addresses may;
+    C{deny} refuses addresses even so; C{deny_all} refuses everyone.
+    """
+
+    allow: tuple[IPNetwork, ...] = ()
+    deny: tuple[IPNetwork, ...] = ()
+    deny_all: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +140,7 @@ class RouteConfig:
     """
 
     name: str
-    pool: str
+    pool: str | None
     path_prefix: bytes | None = None
     host: str | None = None
     methods: frozenset[bytes] | None = None
@@ -124,6 +149,7 @@ class RouteConfig:
     rate_limit: RateLimitConfig | None = None
     redirect_https: bool = False
     hsts: bytes | None = None
+    access: AccessRule | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +178,7 @@ class LBConfig:
     max_body_size: int = 100 * 1024 * 1024
     keepalive_timeout: float = 60.0
     tls_handshake_timeout: float = 10.0
+    secret_file: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +194,7 @@ class Config:
     routes: tuple[RouteConfig, ...]
     tls: TLSConfig | None = None
     notices: tuple[str, ...] = field(default=())
+    ratelimit_max_keys: int = 100_000
 
     def pool(self, name: str) -> PoolConfig:
         for pool in self.pools:
@@ -217,6 +245,9 @@ _KNOWN_POOL_KEYS = frozenset(
         "keepalive_timeout",
         "tls_verify",
         "tls_ca",
+        "hash_key",
+        "sticky",
+        "slow_start",
     }
 )
 _KNOWN_ROUTE_KEYS = frozenset(
@@ -232,6 +263,8 @@ _KNOWN_ROUTE_KEYS = frozenset(
         "rate_limit_key",
         "redirect_https",
         "hsts",
+        "allow",
+        "deny",
     }
 )
 _KNOWN_LB_KEYS = frozenset(
@@ -245,15 +278,20 @@ _KNOWN_LB_KEYS = frozenset(
         "max_body_size",
         "keepalive_timeout",
         "tls_handshake_timeout",
+        "secret_file",
     }
 )
+_KNOWN_RATELIMIT_KEYS = frozenset({"rate_limit", "burst", "rate_limit_key", "max_keys"})
 _KNOWN_TLS_KEYS = frozenset({"certificates", "min_version", "alpn"})
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _HOST_NAME = re.compile(
     r"(\*\.)?([a-z0-9]([a-z0-9-]*[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*"
 )
-_SERVER_URL = re.compile(r"(https?)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})/?")
+_SERVER_URL = re.compile(
+    r"(https?)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})/?"
+)
+_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
 class _Reader:
@@ -267,6 +305,7 @@ class _Reader:
         self.parser = parser
         self.problems: list[str] = []
         self.notices: list[str] = []
+        self.default_limit: RateLimitConfig | None = None
 
     def problem(self, section: str, key: str | None, message: str) -> None:
         where = f"[{section}] {key}" if key else f"[{section}]"
@@ -301,12 +340,24 @@ class _Reader:
         tls = None
         pools: list[PoolConfig] = []
         routes: list[RouteConfig] = []
+        max_keys = 100_000
+        if self.parser.has_section("ratelimit"):
+            self.unknown_keys("ratelimit", _KNOWN_RATELIMIT_KEYS)
+            self.default_limit = self.read_rate_limit("ratelimit", None)
+            max_keys = self.value(
+                "ratelimit",
+                "max_keys",
+                lambda t: units.parse_int(t, 1, 100_000_000),
+                100_000,
+            )
         for section in self.parser.sections():
             kind, _, name = section.partition(":")
             if section == "lb":
                 lb = self.read_lb(section)
             elif section == "tls":
                 tls = self.read_tls(section)
+            elif section == "ratelimit":
+                pass
             elif kind == "pool" and name:
                 pools.append(self.read_pool(section, name))
             elif kind == "route" and name:
@@ -315,8 +366,8 @@ class _Reader:
                 self.problem(
                     section,
                     None,
-                    "unknown section "
-                    "(expected [lb], [tls], [pool:NAME] or [route:NAME])",
+                    "unknown section (expected [lb], [tls], [ratelimit], "
+                    "[pool:NAME] or [route:NAME])",
                 )
         if not self.parser.has_section("lb"):
             self.problems.append(f"{self.path}: [lb]: missing section")
@@ -330,6 +381,7 @@ class _Reader:
             routes=tuple(routes),
             tls=tls,
             notices=tuple(self.notices),
+            ratelimit_max_keys=max_keys,
         )
 
     def unknown_keys(self, section: str, known: frozenset[str]) -> None:
@@ -369,18 +421,13 @@ class _Reader:
             tls_handshake_timeout=self.value(
                 section, "tls_handshake_timeout", _positive_duration, 10.0
             ),
+            secret_file=self.value(section, "secret_file", self.secret_file, None),
         )
 
     def endpoints(self, text: str) -> list[str]:
         descriptions = units.parse_list(text)
         for description in descriptions:
-            try:
-                serverFromString(None, description)
-            except (ValueError, TypeError, KeyError, OSError) as e:
-                raise ValueError(
-                    f"{description!r} is not a Twisted server endpoint string "
-                    f"(like tcp:8080:interface=127.0.0.1): {e}"
-                ) from None
+            _check_endpoint(description)
         if not descriptions:
             raise ValueError("expected one or more endpoint strings")
         return descriptions
@@ -391,7 +438,30 @@ class _Reader:
             return "-"
         if text.lower() == "off":
             return None
-        return self.relative(text)
+        path = self.relative(text)
+        if os.path.exists(path):
+            writable = os.path.isfile(path) and os.access(path, os.W_OK)
+        else:
+            directory = os.path.dirname(path)
+            writable = os.path.isdir(directory) and os.access(directory, os.W_OK)
+        if not writable:
+            raise ValueError(
+                f"cannot write {path} (expected -, off or a writable file)"
+            )
+        return path
+
+    def secret_file(self, text: str) -> str:
+        path = self.relative(text.strip())
+        try:
+            with open(path, "rb") as f:
+                secret = f.read().strip()
+        except OSError as e:
+            raise ValueError(f"cannot read {path}: {e.strerror}") from None
+        if len(secret) < 16:
+            raise ValueError(
+                f"{path} holds {len(secret)} bytes; a secret needs 16 or more"
+            )
+        return path
 
     def relative(self, path: str) -> str:
         return os.path.normpath(os.path.join(self.base, path))
@@ -430,6 +500,14 @@ class _Reader:
         balance = self.value(
             section, "balance", _one_of(*BALANCE_STRATEGIES), "round_robin"
         )
+        if balance != "hash" and self.parser.has_option(section, "hash_key"):
+            self.notice(section, "hash_key", "has no effect unless balance = hash")
+        if balance == "hash" and self.parser.has_option(section, "slow_start"):
+            self.notice(
+                section,
+                "slow_start",
+                "has no effect with balance = hash (keys stay put)",
+            )
         if not any(server.scheme == "https" for server in servers):
             for key in ("tls_verify", "tls_ca"):
                 if self.parser.has_option(section, key):
@@ -463,6 +541,9 @@ class _Reader:
             ),
             tls_verify=self.value(section, "tls_verify", units.parse_bool, True),
             tls_ca=self.value(section, "tls_ca", self.ca_file, None),
+            hash_key=self.value(section, "hash_key", _request_key, "client_ip"),
+            sticky_cookie=self.value(section, "sticky", _sticky, None),
+            slow_start=self.value(section, "slow_start", units.parse_duration, 0.0),
         )
 
     def read_health(self, section: str) -> HealthCheckConfig | None:
@@ -486,9 +567,12 @@ class _Reader:
 
     def read_route(self, section: str, name: str) -> RouteConfig:
         self.unknown_keys(section, _KNOWN_ROUTE_KEYS)
-        pool = self.parser.get(section, "pool", fallback="").strip()
-        if not pool:
-            self.problem(section, "pool", "missing: a route must name a pool")
+        access = self.read_access(section)
+        pool = self.parser.get(section, "pool", fallback="").strip() or None
+        if pool is None and not (access and access.deny_all):
+            self.problem(
+                section, "pool", "missing: a route must name a pool (or deny = all)"
+            )
         path_prefix = self.value(section, "path_prefix", _path_prefix, None)
         strip_prefix = self.value(section, "strip_prefix", units.parse_bool, False)
         if strip_prefix and path_prefix is None:
@@ -501,34 +585,65 @@ class _Reader:
             methods=self.value(section, "methods", _methods, None),
             header=self.value(section, "header", _header_condition, None),
             strip_prefix=strip_prefix,
-            rate_limit=self.read_rate_limit(section),
+            rate_limit=self.read_rate_limit(section, self.default_limit),
             redirect_https=self.value(
                 section, "redirect_https", units.parse_bool, False
             ),
             hsts=self.value(section, "hsts", _hsts, None),
+            access=access,
         )
 
-    def read_rate_limit(self, section: str) -> RateLimitConfig | None:
+    def read_access(self, section: str) -> AccessRule | None:
+        allow = self.value(section, "allow", _networks, None)
+        deny_text = self.parser.get(section, "deny", fallback=None)
+        if deny_text is not None and deny_text.strip().lower() == "all":
+            return AccessRule(allow=tuple(allow or ()), deny_all=True)
+        deny = self.value(section, "deny", _networks, None)
+        if allow is None and deny is None:
+            return None
+        return AccessRule(allow=tuple(allow or ()), deny=tuple(deny or ()))
+
+    def read_rate_limit(
+        self, section: str, inherited: RateLimitConfig | None
+    ) -> RateLimitConfig | None:
+        """
+        A section's token bucket. A route takes each setting it does not name
+        from C{[ratelimit]} (C{inherited}); C{rate_limit = off} turns it off.
+        """
         text = self.parser.get(section, "rate_limit", fallback=None)
-        rate = self.value(section, "rate_limit", units.parse_rate, None)
-        if rate is None:
+        if text is not None and text.strip().lower() == "off":
             for key in ("burst", "rate_limit_key"):
                 if self.parser.has_option(section, key):
-                    self.notice(section, key, "has no effect without rate_limit")
+                    self.notice(section, key, "has no effect with rate_limit = off")
             return None
+        if text is None:
+            if inherited is None:
+                for key in ("burst", "rate_limit_key"):
+                    if self.parser.has_option(section, key):
+                        self.notice(section, key, "has no effect without rate_limit")
+                return None
+            text = inherited.text
+        try:
+            count, period = units.parse_rate_as_written(text)
+        except ValueError as e:
+            self.problem(section, "rate_limit", str(e))
+            return None
+        rate = count / period
+        own_rate = self.parser.has_option(section, "rate_limit")
+        default_burst = (
+            inherited.burst if inherited and not own_rate else max(1, math.ceil(rate))
+        )
         burst = self.value(
-            section,
-            "burst",
-            lambda t: units.parse_int(t, 1),
-            max(1, math.ceil(rate)),
+            section, "burst", lambda t: units.parse_int(t, 1), default_burst
         )
-        key = self.value(section, "rate_limit_key", _rate_limit_key, "client_ip")
-        self.notice(
+        key = self.value(
             section,
-            "rate_limit",
-            "parsed but not enforced yet (rate limiting is planned)",
+            "rate_limit_key",
+            _request_key_or_global,
+            inherited.key if inherited else "client_ip",
         )
-        return RateLimitConfig(rate, burst, key, (text or "").strip())
+        quota, window = _quota(count, period)
+        return RateLimitConfig(rate, burst, key, text.strip(), quota, window)
 
     def check_whole(
         self,
@@ -542,6 +657,10 @@ class _Reader:
         """
         names = {pool.name for pool in pools}
         for route in routes:
+            if route.pool is not None and route.access and route.access.deny_all:
+                self.notice(
+                    f"route:{route.name}", "pool", "never used: the route denies all"
+                )
             if route.pool and route.pool not in names:
                 self.problem(
                     f"route:{route.name}",
@@ -553,6 +672,13 @@ class _Reader:
         for pool in pools:
             if pool.name not in used:
                 self.notice(f"pool:{pool.name}", None, "no route sends requests here")
+            if pool.sticky_cookie and lb.secret_file is None:
+                self.notice(
+                    f"pool:{pool.name}",
+                    "sticky",
+                    "without [lb] secret_file, sticky cookies change when "
+                    "l7lb restarts",
+                )
         if not routes:
             self.problems.append(
                 f"{self.path}: no [route:NAME] section: every request would get 404"
@@ -580,10 +706,15 @@ def _servers(text: str) -> list[ServerConfig]:
     """
     servers: list[ServerConfig] = []
     seen: set[str] = set()
+    options: set[str] = set()
     for token in text.split():
         if "=" in token and "://" not in token:
             if not servers:
                 raise ValueError(f"{token!r} comes before any server URL")
+            key = token.partition("=")[0]
+            if key in options:
+                raise ValueError(f"{servers[-1].url}: {key} is given twice")
+            options.add(key)
             servers[-1] = _server_option(servers[-1], token)
             continue
         match = _SERVER_URL.fullmatch(token)
@@ -591,28 +722,45 @@ def _servers(text: str) -> list[ServerConfig]:
             raise ValueError(
                 f"{token!r} is not a server URL (expected http://HOST:PORT [weight=N])"
             )
-        scheme, host, port = (
-            match.group(1),
-            match.group(2).strip("[]"),
-            int(match.group(3)),
-        )
+        scheme, written, port = match.group(1), match.group(2), int(match.group(3))
+        host = written.strip("[]")
         if not 0 < port < 65536:
             raise ValueError(f"{token!r}: port {port} is out of range")
-        if ":" in host:
+        if written.startswith("["):
             try:
                 ipaddress.IPv6Address(host)
             except ValueError:
                 raise ValueError(
                     f"{token!r}: {host!r} is not an IPv6 address"
                 ) from None
-        server = ServerConfig(f"{scheme}://{match.group(2)}:{port}", scheme, host, port)
+        else:
+            _check_host_name(token, host)
+        server = ServerConfig(f"{scheme}://{written}:{port}", scheme, host, port)
         if server.url in seen:
             raise ValueError(f"{server.url} is listed twice")
         seen.add(server.url)
         servers.append(server)
+        options = set()
     if not servers:
         raise ValueError("expected at least one server URL")
     return servers
+
+
+def _check_host_name(token: str, host: str) -> None:
+    """
+    An IPv4 address, or a DNS name whose labels are 1-63 letters, digits and
+    inner hyphens.
+    """
+    try:
+        ipaddress.IPv4Address(host)
+        return
+    except ValueError:
+        pass
+    labels = host.rstrip(".").split(".")
+    if len(host) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+        raise ValueError(f"{token!r}: {host!r} is not a valid host name")
+    if all(label.isdigit() for label in labels):
+        raise ValueError(f"{token!r}: {host!r} is not a valid IPv4 address")
 
 
 def _server_option(server: ServerConfig, token: str) -> ServerConfig:
@@ -753,19 +901,100 @@ def _hsts(text: str) -> bytes:
     return value.encode("ascii")
 
 
-def _rate_limit_key(text: str) -> str:
+def _request_key_or_global(text: str) -> str:
+    if text.strip() == "global":
+        return "global"
     key = text.strip()
-    if key in ("global", "client_ip"):
+    kind, _, name = key.partition(":")
+    if key == "client_ip" or (kind == "header" and _TOKEN.fullmatch(name)):
+        return _request_key(key)
+    raise ValueError(f"expected global, client_ip or header:NAME, got {key!r}")
+
+
+def _request_key(text: str) -> str:
+    """
+    What identifies a client for hashing: C{client_ip}, C{header:NAME} or
+    C{cookie:NAME}.
+    """
+    key = text.strip()
+    if key == "client_ip":
         return key
     kind, _, name = key.partition(":")
     if kind == "header" and _TOKEN.fullmatch(name):
         return f"header:{name.lower()}"
-    raise ValueError(f"expected global, client_ip or header:NAME, got {key!r}")
+    if kind == "cookie" and _TOKEN.fullmatch(name):
+        return f"cookie:{name}"
+    raise ValueError(f"expected client_ip, header:NAME or cookie:NAME, got {key!r}")
+
+
+def _sticky(text: str) -> str:
+    kind, _, name = text.strip().partition(" ")
+    name = name.strip()
+    if kind != "cookie" or not _TOKEN.fullmatch(name):
+        raise ValueError(f"expected 'cookie NAME', got {text.strip()!r}")
+    return name
+
+
+def _quota(count: float, period: float) -> tuple[int, int]:
+    """
+    A rate as whole units per whole seconds, scaling both up when the count
+    is fractional: C{2.5/s} is 5 per 2 seconds.
+    """
+    for scale in (1, 2, 4, 5, 10, 20, 25, 50, 100, 1000):
+        if abs(count * scale - round(count * scale)) < 1e-9:
+            return round(count * scale), round(period * scale)
+    return max(1, round(count)), round(period)
+
+
+def _check_endpoint(description: str) -> None:
+    """
+    Refuse what cannot be listened on, with a reason, before start: only
+    tcp, tcp6 and unix endpoints, a port in range, an address interface.
+    """
+    parts = re.split(r"(?<!\\):", description)
+    kind, arguments = parts[0], parts[1:]
+    positional = [a for a in arguments if "=" not in a]
+    options = {
+        name: value.replace("\\:", ":")
+        for name, value in (a.split("=", 1) for a in arguments if "=" in a)
+    }
+    expected = "(like tcp:8080:interface=127.0.0.1)"
+    if kind not in ("tcp", "tcp6", "unix"):
+        raise ValueError(
+            f"{description!r}: expected a tcp, tcp6 or unix endpoint {expected}"
+        )
+    if kind in ("tcp", "tcp6"):
+        port = positional[0] if positional else options.get("port", "")
+        if not (port.isascii() and port.isdigit() and int(port) <= 65535):
+            raise ValueError(f"{description!r}: the port must be 0-65535 {expected}")
+        if "interface" in options:
+            try:
+                address = ipaddress.ip_address(options["interface"])
+            except ValueError:
+                raise ValueError(
+                    f"{description!r}: interface must be an IP address"
+                ) from None
+            if (address.version == 6) != (kind == "tcp6"):
+                raise ValueError(
+                    f"{description!r}: an IPv{address.version} interface needs "
+                    f"{'tcp6' if address.version == 6 else 'tcp'}"
+                )
+    backlog = options.get("backlog")
+    if backlog is not None and not (
+        backlog.isascii() and backlog.isdigit() and int(backlog) > 0
+    ):
+        raise ValueError(f"{description!r}: backlog must be a positive number")
+    try:
+        serverFromString(None, description)
+    except Exception as e:
+        raise ValueError(f"{description!r} is not a usable endpoint: {e}") from None
 
 
 def describe(config: Config) -> Iterator[str]:
     """
-    The summary C{--check} prints: listeners, pools, routes and notices.
+    The summary C{--check} prints: listeners, pools, routes (in the order
+    they are tried is the route map's business; here in file order) with
+    each one's effective policy, and notices.
     """
     yield f"{config.source}: configuration is valid"
     for endpoint in config.lb.listen:
@@ -773,17 +1002,26 @@ def describe(config: Config) -> Iterator[str]:
     for endpoint in config.lb.tls_listen:
         yield f"listen      {endpoint} (tls)"
     for pool in config.pools:
-        health = (
+        details = [pool.balance]
+        if pool.balance == "hash":
+            details.append(f"by {pool.hash_key}")
+        if pool.sticky_cookie:
+            details.append(f"sticky cookie {pool.sticky_cookie}")
+        if pool.slow_start:
+            details.append(f"slow start {units.format_duration(pool.slow_start)}")
+        details.append(
             f"health GET {pool.health.path} every "
             f"{units.format_duration(pool.health.interval)}"
             if pool.health
             else "no active health checks"
         )
-        yield f"pool        {pool.name}: {pool.balance}, {health}"
+        yield f"pool        {pool.name}: {', '.join(details)}"
         for server in pool.servers:
             yield f"              {server.url} weight={server.weight}"
     for route in config.routes:
-        yield f"route       {route.name}: {describe_route(route)} -> pool {route.pool}"
+        target = f"pool {route.pool}" if route.pool else "nowhere"
+        yield f"route       {route.name}: {describe_route(route)} -> {target}"
+        yield f"              {describe_policy(route)}"
     for notice in config.notices:
         yield f"notice      {notice}"
 
@@ -807,9 +1045,31 @@ def describe_route(route: RouteConfig) -> str:
         conditions.append(
             f"header {route.header[0].decode()}: {route.header[1].decode()}"
         )
-    if route.rate_limit:
-        conditions.append(
-            f"rate limit {route.rate_limit.text} burst {route.rate_limit.burst} "
-            f"by {route.rate_limit.key}"
-        )
     return " ".join(conditions) or "every request"
+
+
+def describe_policy(route: RouteConfig) -> str:
+    """
+    What a route does to requests besides routing them: its effective rate
+    limit, access list, redirect and HSTS.
+    """
+    limit = route.rate_limit
+    parts = [
+        f"rate limit {limit.text} burst {limit.burst} by {limit.key}"
+        if limit
+        else "no rate limit"
+    ]
+    access = route.access
+    if access is not None:
+        if access.deny_all:
+            parts.append("deny all")
+        else:
+            if access.allow:
+                parts.append("allow " + " ".join(str(n) for n in access.allow))
+            if access.deny:
+                parts.append("deny " + " ".join(str(n) for n in access.deny))
+    if route.redirect_https:
+        parts.append("plain HTTP redirected to https")
+    if route.hsts:
+        parts.append(f"HSTS {route.hsts.decode()}")
+    return "; ".join(parts)

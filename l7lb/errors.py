@@ -16,6 +16,7 @@ CONTENT_TYPE = b"text/plain; charset=utf-8"
 _REASONS = {
     413: b"Content Too Large",
     414: b"URI Too Long",
+    429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
     504: b"Gateway Timeout",
 }

@@ -16,6 +16,8 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.http import datetimeToString
 from twisted.web.http_headers import Headers
 
 # Twisted's Headers store names in this canonical capitalisation.
@@ -147,13 +149,13 @@ def downstream_response_headers(
     via: bytes,
     request_id: bytes,
     content_length: bytes | None,
-    hsts: bytes | None = None,
+    additions: Sequence[tuple[bytes, bytes]] = (),
 ) -> Headers:
     """
     The headers to send the client for a backend response. C{connection} is
     the backend's Connection header, C{content_length} its Content-Length
-    when the body is length-delimited; C{hsts} a Strict-Transport-Security
-    value of the route's, for TLS responses.
+    when the body is length-delimited; C{additions} are l7lb's own headers
+    for this response (Strict-Transport-Security, RateLimit, Set-Cookie...).
     """
     raw = incoming._rawHeaders
     dropped = connection_tokens(connection)
@@ -166,8 +168,8 @@ def downstream_response_headers(
         out[b"Content-Length"] = [content_length]
     out[b"Via"] = [_append(raw.get(b"Via"), via)]
     out[b"X-Request-Id"] = [request_id]
-    if hsts is not None:
-        out[b"Strict-Transport-Security"] = [hsts]
+    for name, value in additions:
+        out.setdefault(name, []).append(value)
     headers = Headers()
     headers._rawHeaders = out
     return headers
@@ -175,3 +177,21 @@ def downstream_response_headers(
 
 def _append(values: Iterable[bytes] | None, item: bytes) -> bytes:
     return b", ".join([*values, item]) if values else item
+
+
+class HTTPDate:
+    """
+    The value of a Date header for now, formatted once a second.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._second = -1
+        self._value = b""
+
+    def __call__(self) -> bytes:
+        second = int(self._clock.seconds())
+        if second != self._second:
+            self._second = second
+            self._value = datetimeToString(second)
+        return self._value

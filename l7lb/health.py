@@ -221,7 +221,10 @@ class HealthChecker:
         change = self.state.record(result.ok)
         if change is None:
             return
-        self.backend.in_rotation = change
+        if change:
+            self.backend.return_to_rotation()
+        else:
+            self.backend.leave_rotation()
         if change:
             self.log.info(
                 "backend {backend} of pool {pool} is back in rotation after "

@@ -55,8 +55,10 @@ IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"
 class BufferedBody:
     """
     The client's request body, already received in full (in memory, or in a
-    temporary file when large), sent with a Content-Length of l7lb's own and
-    replayable for a retry. Writes stop while the backend's socket is full.
+    temporary file when large), sent with a Content-Length of l7lb's own.
+    Writes stop while the backend's socket is full. Each attempt gets a
+    producer of its own over the same content, so a retry can replay it
+    while the failed attempt's producer is being stopped.
     """
 
     def __init__(self, content: IO[bytes], length: int) -> None:
@@ -81,6 +83,9 @@ class BufferedBody:
         self._pumping = True
         try:
             while not self._paused and self._done is not None:
+                if self.content.closed:  # the exchange is over
+                    self._done = None
+                    return
                 chunk = self.content.read(65536)
                 if not chunk:
                     done, self._done = self._done, None
@@ -112,25 +117,26 @@ class _ResponseRelay(Protocol):
         self.backend = backend
 
     def connectionMade(self) -> None:
-        request = self.exchange.request
         if not self.exchange.client_gone:
-            request.registerProducer(self.transport, True)
+            self.exchange.request.registerProducer(self.transport, True)
 
     def dataReceived(self, data: bytes) -> None:
         if not self.exchange.client_gone:
             self.exchange.request.write(data)
 
     def connectionLost(self, reason: Failure = ResponseDone) -> None:  # type: ignore[assignment]
-        self.exchange.relay = None
+        exchange = self.exchange
+        exchange.relay = None
+        exchange.stop_body()
         self.backend.inflight -= 1
-        request = self.exchange.request
-        if self.exchange.client_gone:
+        if exchange.client_gone:
             return
+        request = exchange.request
         request.unregisterProducer()
         if reason.check(ResponseDone, PotentialDataLoss):
             request.finish()
         else:
-            self.exchange.forwarder.log.warn(
+            exchange.forwarder.log.warn(
                 "backend {backend} failed while sending the response body: {reason}",
                 backend=self.backend.address,
                 reason=describe_failure(reason),
@@ -163,14 +169,13 @@ class _Exchange:
         request: BalancerRequest,
         pool: Pool,
         target: bytes,
-        body: IBodyProducer | None,
     ) -> None:
         self.forwarder = forwarder
         self.request = request
         self.pool = pool
         self.method: bytes = request.method
         self.target = target
-        self.body = body
+        self.body: BufferedBody | None = None
         self.headers = forwarder.upstream_headers(request)
         self.client_gone = False
         self.pending: Deferred[IResponse] | None = None
@@ -178,6 +183,7 @@ class _Exchange:
         self.timed_out = False
         self.relay: _ResponseRelay | None = None
         self.tried: list[Backend] = []
+        self.cookie: bytes | None = None
 
     def start(self) -> None:
         self.request.notifyFinish().addErrback(self._client_gone)
@@ -188,7 +194,7 @@ class _Exchange:
         Send the request to a backend not yet tried. C{failed_status} is the
         answer of the attempt before, if any, given when no backend is left.
         """
-        backend = self.pool.choose(self.tried)
+        backend = self._choose()
         if backend is None:
             if failed_status is None:
                 self.request.respond_error(503, {b"Retry-After": self.pool.retry_after})
@@ -202,6 +208,9 @@ class _Exchange:
         self.timer = self.forwarder.clock.callLater(
             self.pool.config.response_timeout, self._time_out
         )
+        request = self.request
+        if request.body_size and request.content is not None:
+            self.body = BufferedBody(request.content, request.body_size)
         try:
             d = backend.client.request(
                 self.method, self.target, self.headers, self.body
@@ -215,6 +224,35 @@ class _Exchange:
             callbackArgs=(backend,),
             errbackArgs=(backend,),
         )
+
+    def _choose(self) -> Backend | None:
+        """
+        The backend a sticky cookie names, if it can take the request;
+        otherwise the pool's strategy (and a cookie naming its choice).
+        """
+        pool, request = self.pool, self.request
+        cookie_name = pool.sticky_cookie
+        token = None
+        if cookie_name is not None:
+            token = request.received_cookies.get(cookie_name)
+            backend = pool.sticky_backend(token, self.tried)
+            if backend is not None:
+                return backend
+        key = request_key(pool.config.hash_key, request) if pool.hashes else None
+        backend = pool.choose(self.tried, key)
+        if cookie_name is not None and backend is not None:
+            self.cookie = _sticky_cookie(
+                cookie_name, pool.token_of[backend], request.scheme == b"https"
+            )
+        return backend
+
+    def stop_body(self) -> None:
+        """
+        Stop sending the request body: the backend has answered (perhaps
+        early, before reading it all), failed, or the client has gone.
+        """
+        if self.body is not None:
+            self.body.stopProducing()
 
     def _time_out(self) -> None:
         self.timer = None
@@ -230,6 +268,7 @@ class _Exchange:
 
     def _failed(self, failure: Failure, backend: Backend) -> None:
         self._settle()
+        self.stop_body()
         backend.inflight -= 1
         if self.client_gone:
             return
@@ -266,29 +305,68 @@ class _Exchange:
 
     def _got_response(self, response: IResponse, backend: Backend) -> None:
         self._settle()
-        if self.client_gone:
+        if self.client_gone or not 100 <= response.code <= 599:
             backend.inflight -= 1
+            self.stop_body()
             response.deliverBody(_Discard())
+            if not self.client_gone:
+                self.forwarder.log.warn(
+                    "backend {backend} of pool {pool} answered with status {status}",
+                    backend=backend.address,
+                    pool=self.pool.name,
+                    status=response.code,
+                )
+                self.request.respond_error(502)
             return
         request = self.request
         request.setResponseCode(response.code, response.phrase)
-        request.responseHeaders = downstream_response_headers(
+        headers = request.responseHeaders = downstream_response_headers(
             response.headers,
             connection_headers(response).getRawHeaders(b"Connection"),
             via=b"%d.%d l7lb" % response.version[1:],
             request_id=request.request_id,
             content_length=_content_length(response, self.method),
-            hsts=request.hsts,
+            additions=request.additions,
         )
+        if self.cookie is not None:
+            headers._rawHeaders.setdefault(b"Set-Cookie", []).append(self.cookie)
+        raw = headers._rawHeaders
+        if b"Date" not in raw:
+            # RFC 9110 section 6.6.1: a recipient with a clock adds one.
+            raw[b"Date"] = [request.site.date()]
+        if not request.keeps_alive:
+            raw[b"Connection"] = [b"close"]
         self.relay = _ResponseRelay(self, backend)
         response.deliverBody(self.relay)
 
     def _client_gone(self, failure: Failure) -> None:
         self.client_gone = True
+        self.stop_body()
         if self.pending is not None:
             self.pending.cancel()
         if self.relay is not None:
             self.relay.stop()
+
+
+def _sticky_cookie(name: bytes, token: bytes, secure: bool) -> bytes:
+    value = b"%s=%s; Path=/; HttpOnly; SameSite=Lax" % (name, token)
+    return value + b"; Secure" if secure else value
+
+
+def request_key(spec: str, request: BalancerRequest) -> bytes:
+    """
+    What a hashing pool hashes: the client's address, a header's value or a
+    cookie's (the client's address when the request has neither).
+    """
+    if spec.startswith("header:"):
+        values = request.requestHeaders.getRawHeaders(spec[7:].encode())
+        if values:
+            return values[0]
+    elif spec.startswith("cookie:"):
+        cookie = request.received_cookies.get(spec[7:].encode())
+        if cookie:
+            return cookie
+    return request.client_address.encode()
 
 
 def _content_length(response: IResponse, method: bytes) -> bytes | None:
@@ -328,15 +406,11 @@ class Forwarder:
         """
         Proxy C{request} to a backend of C{pool}, as C{target} (origin form).
         """
-        size = request.body_size
-        body = None
-        if size and request.content is not None:
-            body = BufferedBody(request.content, size)
-        _Exchange(self, request, pool, target, body).start()
+        _Exchange(self, request, pool, target).start()
 
     def upstream_headers(self, request: BalancerRequest) -> Headers:
         client_ip = request.client_ip
-        return upstream_request_headers(
+        headers = upstream_request_headers(
             request.requestHeaders,
             client_ip=client_ip,
             trusted_peer=self.trusted.contains(client_ip),
@@ -344,3 +418,8 @@ class Forwarder:
             via=request.clientproto[5:] + b" l7lb",
             request_id=request.request_id,
         )
+        if b"Host" not in headers._rawHeaders:
+            # An HTTP/1.0 request without Host: name what the client reached
+            # (l7lb's own address), never the backend's internal one.
+            headers._rawHeaders[b"Host"] = [request.local_authority()]
+        return headers

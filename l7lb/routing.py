@@ -9,6 +9,7 @@ longest path prefix wins; then the route written first.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -114,6 +115,18 @@ class RouteMap:
             if rule.matches(method, host, path, headers):
                 return rule.route
         return None
+
+
+_HOST_VALUE = re.compile(
+    rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(:[0-9]*)?"
+)
+
+
+def valid_host(value: bytes) -> bool:
+    """
+    Whether a Host value is C{host[:port]} as RFC 9110 section 7.2 has it.
+    """
+    return _HOST_VALUE.fullmatch(value) is not None
 
 
 def host_name(value: bytes) -> bytes:

@@ -14,6 +14,7 @@ accepts traffic only once everything behind it runs.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -25,11 +26,13 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
     IListeningPort,
     IProtocolFactory,
+    IReactorTime,
     IStreamServerEndpoint,
 )
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from l7lb.access import AccessList
 from l7lb.accesslog import AccessLog, AccessLogService
 from l7lb.balancing import balancer_for
 from l7lb.certificates import expiry_warnings, load_certificate_file
@@ -37,7 +40,8 @@ from l7lb.config import Config, HealthCheckConfig
 from l7lb.health import HealthService, checkers_for
 from l7lb.pool import Backend, Pool
 from l7lb.proxy import Forwarder
-from l7lb.resource import BalancerResource
+from l7lb.ratelimit import RateLimiter
+from l7lb.resource import BalancerResource, RoutePolicy
 from l7lb.routing import RouteMap
 from l7lb.site import BalancerSite
 from l7lb.tls import ServerTLS, tls_server_factory
@@ -131,6 +135,7 @@ class BalancerService(MultiService):
         self.pools = pools
         self.listeners: list[ListenerService] = []
         self.tls_listeners: list[ListenerService] = []
+        self.policies: dict[str, RoutePolicy] = {}
 
     def https_port(self) -> int | None:
         """
@@ -153,6 +158,34 @@ class BalancerService(MultiService):
             raise
 
 
+def read_secret(path: str | None) -> bytes:
+    """
+    The key for sticky-session tokens: from C{secret_file}, or made up for
+    this process (cookies then change when l7lb restarts).
+    """
+    if path is None:
+        return os.urandom(32)
+    with open(path, "rb") as f:
+        return f.read().strip()
+
+
+def route_policies(config: Config, clock: IReactorTime) -> dict[str, RoutePolicy]:
+    """
+    Each route's access list and rate limiter, where it has them.
+    """
+    policies = {}
+    for route in config.routes:
+        access = AccessList(route.access) if route.access else None
+        limiter = (
+            RateLimiter(route.name, route.rate_limit, clock, config.ratelimit_max_keys)
+            if route.rate_limit
+            else None
+        )
+        if access is not None or limiter is not None:
+            policies[route.name] = RoutePolicy(access, limiter)
+    return policies
+
+
 def build(
     config: Config,
     reactor: Any,
@@ -162,6 +195,7 @@ def build(
     The service tree for C{config}, on C{reactor} (which must provide the
     TCP, time and thread interfaces of a real reactor).
     """
+    secret = read_secret(config.lb.secret_file)
     pools = {}
     clients: list[UpstreamClient] = []
     for pool_config in config.pools:
@@ -169,19 +203,26 @@ def build(
         for server in pool_config.servers:
             client = upstream_for(reactor, server, pool_config)
             clients.append(client)
-            backends.append(Backend(server, client))
+            backends.append(Backend(server, client, pool_config.slow_start, reactor))
         pools[pool_config.name] = Pool(
-            pool_config, backends, balancer_for(pool_config.balance)
+            pool_config, backends, balancer_for(pool_config.balance), secret
         )
 
     root = BalancerService(config, pools)
-    forwarder = Forwarder(reactor, TrustedProxies(config.lb.trusted_proxies))
+    trusted = TrustedProxies(config.lb.trusted_proxies)
+    forwarder = Forwarder(reactor, trusted)
+    root.policies = policies = route_policies(config, reactor)
     resource = BalancerResource(
-        RouteMap(config.routes), pools, forwarder, root.https_port
+        RouteMap(config.routes), pools, forwarder, root.https_port, policies
     )
     access_log = AccessLog.open(config.lb.access_log, reactor)
     site = BalancerSite(
-        resource, config.lb, access_log, reactor, timeout=config.lb.keepalive_timeout
+        resource,
+        config.lb,
+        access_log,
+        reactor,
+        timeout=config.lb.keepalive_timeout,
+        trusted=trusted,
     )
 
     # Probes open a connection of their own each time (as HAProxy's do):
@@ -218,6 +259,7 @@ def build(
             reactor,
             timeout=config.lb.keepalive_timeout,
             scheme=b"https",
+            trusted=trusted,
         )
         factory = tls_server_factory(
             tls_site,

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -27,6 +28,8 @@ from twisted.web.resource import IResource
 from l7lb import errors
 from l7lb.accesslog import AccessLog
 from l7lb.config import LBConfig
+from l7lb.headers import HTTPDate
+from l7lb.trust import TrustedProxies
 
 
 class BalancerRequest(http.Request):
@@ -42,7 +45,6 @@ class BalancerRequest(http.Request):
     request_id = b"-"
     note = ""
     refused = False
-    hsts: bytes | None = None
     _logged = False
 
     def __init__(self, channel: BalancerChannel, queued: object = None) -> None:
@@ -51,9 +53,43 @@ class BalancerRequest(http.Request):
         self.scheme = self.site.scheme
         self.started = self.site.clock.seconds()
         self.body_size = 0
+        # l7lb's own headers for the response (HSTS, rate limit state...).
+        self.additions: list[tuple[bytes, bytes]] = []
         # HTTP/1.x requests arrive on l7lb's own channel, which enforces the
         # head limits itself; HTTP/2 streams are checked here.
         self.http2 = not isinstance(channel, BalancerChannel)
+
+    @property
+    def keeps_alive(self) -> bool:
+        """
+        Whether the connection stays open after this response.
+        """
+        return bool(getattr(self.channel, "persistent", True))
+
+    def local_authority(self) -> bytes:
+        """
+        The address the client connected to, as a Host value.
+        """
+        host = self.getHost()
+        name = getattr(host, "host", "localhost")
+        port = getattr(host, "port", None)
+        name = f"[{name}]" if ":" in name else name
+        return (f"{name}:{port}" if port else name).encode("ascii", "replace")
+
+    _client_address: str | None = None
+
+    @property
+    def client_address(self) -> str:
+        """
+        Who the client is: the peer, or what a trusted proxy in front of
+        l7lb says in X-Forwarded-For (what access lists and rate limits
+        judge).
+        """
+        if self._client_address is None:
+            self._client_address = self.site.trusted.client_address(
+                self.client_ip, self.requestHeaders.getRawHeaders(b"X-Forwarded-For")
+            )
+        return self._client_address
 
     @property
     def client_ip(self) -> str:
@@ -138,17 +174,23 @@ class BalancerRequest(http.Request):
         """
         if self.channel is None or self.finished:
             return
+        if status == 400 and not self.http2:
+            # After a request l7lb could not make sense of, trust nothing
+            # more on this connection.
+            self.channel.persistent = False
         content = errors.body(status)
         self.setResponseCode(status, errors.reason(status))
         self.responseHeaders = response = Headers()
-        response.setRawHeaders(b"Content-Type", [errors.CONTENT_TYPE])
-        response.setRawHeaders(b"Content-Length", [b"%d" % len(content)])
+        raw = response._rawHeaders
+        raw[b"Date"] = [self.site.date()]
+        raw[b"Content-Type"] = [errors.CONTENT_TYPE]
+        raw[b"Content-Length"] = [b"%d" % len(content)]
         if self.request_id != b"-":
-            response.setRawHeaders(b"X-Request-Id", [self.request_id])
-        if not getattr(self.channel, "persistent", True):
-            response.setRawHeaders(b"Connection", [b"close"])
-        if self.hsts is not None:
-            response.setRawHeaders(b"Strict-Transport-Security", [self.hsts])
+            raw[b"X-Request-Id"] = [self.request_id]
+        if not self.keeps_alive:
+            raw[b"Connection"] = [b"close"]
+        for name, value in self.additions:
+            raw.setdefault(name, []).append(value)
         for name, value in (headers or {}).items():
             response.setRawHeaders(name, [value])
         self.write(content)
@@ -170,8 +212,13 @@ class BalancerRequest(http.Request):
         if self.http2:
             stream: Any = self.channel
             stream.abortConnection()  # RST_STREAM: the connection's other streams go on
-        else:
+        elif self.chunked or self.responseHeaders.hasHeader(b"Content-Length"):
+            # The client sees the missing end of a delimited body.
             self.channel.loseConnection()
+        else:
+            # A body delimited by the close itself: only a reset says "cut".
+            transport: Any = self.channel.transport
+            transport.abortConnection()
 
     def connectionLost(self, reason: Failure) -> None:
         if not self.finished and not self.note:
@@ -194,6 +241,9 @@ class BalancerChannel(http.HTTPChannel):
     site: BalancerSite
     _refused = False
     _request_line_size = 0
+    _lingering: Any = None
+    # How long a refused client may go on sending before l7lb resets.
+    LINGER = 5.0
 
     def connectionMade(self) -> None:
         limits = self.site.limits
@@ -257,7 +307,29 @@ class BalancerChannel(http.HTTPChannel):
         else:
             self.site.access_log.log_refusal(self.getPeer(), status)
         self.write(errors.raw_response(status))
-        self.loseConnection()
+        self._linger()
+
+    def _linger(self) -> None:
+        """
+        Close after a refusal without losing the answer: a client still
+        sending its request would get a reset (and lose the response) if the
+        connection closed under it, so l7lb shuts its sending side, reads and
+        drops what still arrives for a few seconds, then closes for good.
+        """
+        transport: Any = self.transport
+        half_close = getattr(type(transport), "loseWriteConnection", None)
+        if half_close is None:  # TLS cannot half-close
+            self.loseConnection()
+            return
+        network: Any = self._networkProducer
+        network.unregisterProducer()
+        transport.loseWriteConnection()
+        self._lingering = self.callLater(self.LINGER, transport.abortConnection)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._lingering is not None and self._lingering.active():
+            self._lingering.cancel()
+        super().connectionLost(reason)
 
 
 def _header_block_size(headers: Headers) -> int:
@@ -293,12 +365,15 @@ class BalancerSite(server.Site):
         clock: IReactorTime,
         timeout: float,
         scheme: bytes = b"http",
+        trusted: TrustedProxies | None = None,
     ) -> None:
         super().__init__(resource, reactor=clock, timeout=timeout)
         self.limits = limits
         self.access_log = access_log
         self.clock = clock
         self.scheme = scheme
+        self.date = HTTPDate(clock)
+        self.trusted = trusted or TrustedProxies(())
 
     def log(self, request: Any) -> None:
         """

@@ -42,3 +42,22 @@ class TrustedProxies:
                 self._known.clear()
             self._known[ip] = known
         return known
+
+    def client_address(self, peer: str, forwarded_for: Sequence[bytes] | None) -> str:
+        """
+        Who the client is: the socket peer, or, when the peer is a trusted
+        proxy, the right-most address of X-Forwarded-For that is not itself
+        a trusted proxy (SPEC section 4).
+        """
+        if not forwarded_for or not self.contains(peer):
+            return peer
+        hops = [
+            hop.strip().decode("latin-1")
+            for value in forwarded_for
+            for hop in value.split(b",")
+            if hop.strip()
+        ]
+        for hop in reversed(hops):
+            if not self.contains(hop):
+                return hop
+        return hops[0] if hops else peer

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w|y)")
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d|w|y)")
 _DURATION_FACTORS = {
     "ms": 0.001,
     "s": 1.0,
@@ -23,10 +23,10 @@ _DURATION_FACTORS = {
     "y": 365 * 86400.0,
 }
 
-_SIZE = re.compile(r"(\d+)(B|KiB|MiB|GiB)?")
+_SIZE = re.compile(r"([0-9]+)(B|KiB|MiB|GiB)?")
 _SIZE_FACTORS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
 
-_RATE = re.compile(r"(\d+(?:\.\d+)?)/(s|m|h)")
+_RATE = re.compile(r"([0-9]+(?:\.[0-9]+)?)/(s|m|h)")
 _RATE_PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
 _TRUE = frozenset({"on", "yes", "true"})
@@ -61,10 +61,18 @@ def parse_rate(text: str) -> float:
     """
     A rate such as C{100/s}, C{6000/m} or C{10/h}, in events per second.
     """
+    count, period = parse_rate_as_written(text)
+    return count / period
+
+
+def parse_rate_as_written(text: str) -> tuple[float, float]:
+    """
+    A rate as its count and period in seconds: C{6000/m} is (6000, 60).
+    """
     match = _RATE.fullmatch(text.strip())
     if match is None or float(match.group(1)) <= 0:
         raise ValueError(f"expected a rate like 100/s or 6000/m, got {text!r}")
-    return float(match.group(1)) / _RATE_PERIODS[match.group(2)]
+    return float(match.group(1)), _RATE_PERIODS[match.group(2)]
 
 
 def parse_bool(text: str) -> bool:
@@ -84,7 +92,7 @@ def parse_int(text: str, minimum: int, maximum: int | None = None) -> int:
     A whole number within bounds.
     """
     word = text.strip()
-    if not word.isdigit():
+    if not (word.isascii() and word.isdigit()):
         raise ValueError(f"expected a whole number, got {text!r}")
     value = int(word)
     if value < minimum or (maximum is not None and value > maximum):

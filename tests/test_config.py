@@ -88,7 +88,7 @@ class LoadTests(ConfigFileMixin, SynchronousTestCase):
                     [lb]
                     listen = tcp:8080:interface=127.0.0.1 tcp:8081:interface=127.0.0.1
                     tls_listen = tcp:8443:interface=127.0.0.1
-                    access_log = logs/access.log   ; relative to this file
+                    access_log = access.log   ; relative to this file
                     trusted_proxies = 10.0.0.0/8 192.168.1.1 # a comment
                     max_header_size = 32KiB
                     max_uri_length = 4KiB
@@ -138,7 +138,7 @@ class LoadTests(ConfigFileMixin, SynchronousTestCase):
         self.assertEqual(len(config.lb.listen), 2)
         self.assertEqual(
             config.lb.access_log,
-            os.path.join(os.path.abspath(directory), "logs/access.log"),
+            os.path.join(os.path.abspath(directory), "access.log"),
         )
         self.assertEqual(
             config.lb.trusted_proxies,
@@ -180,11 +180,11 @@ class LoadTests(ConfigFileMixin, SynchronousTestCase):
         self.assertTrue(route.redirect_https)
         self.assertEqual(route.hsts, b"max-age=15552000; preload")
         self.assertEqual(
-            route.rate_limit, RateLimitConfig(100.0, 20, "header:x-api-key", "6000/m")
+            route.rate_limit,
+            RateLimitConfig(100.0, 20, "header:x-api-key", "6000/m", 6000, 60),
         )
         # Parsed but not acted on yet: said, not silently ignored.
         notices = "\n".join(config.notices)
-        self.assertIn("[route:api-a] rate_limit: parsed but not enforced yet", notices)
         self.assertIn(
             "[pool:a] tls_verify: has no effect without https:// servers", notices
         )
@@ -261,11 +261,11 @@ class ProblemTests(ConfigFileMixin, SynchronousTestCase):
         )
         expected = [
             "FILE: [lb] colour: unknown key",
-            "FILE: [lb] listen: 'nonsense:1' is not a Twisted server endpoint string",
+            "FILE: [lb] listen: 'nonsense:1': expected a tcp, tcp6 or unix endpoint",
             "FILE: [lb] max_body_size: expected a size like 16KiB or 10MiB, got 'lots'",
             "FILE: [pool:a] servers: 'ftp://x:1' is not a server URL",
             "FILE: [pool:a] balance: expected one of round_robin, weighted_round_robin, "
-            "least_connections, got 'random'",
+            "least_connections, power_of_two, hash, got 'random'",
             "FILE: [pool:a] health_status: expected statuses within 100-599, low first",
             "FILE: [pool:a] health_interval: expected a duration like 250ms, 10s or 2m, got '10'",
             "FILE: [pool:a] rise: expected a number from 1 to 1000, got 0",
@@ -386,3 +386,168 @@ class DescribeTests(ConfigFileMixin, SynchronousTestCase):
         self.assertIn("              http://127.0.0.1:1 weight=2", lines)
         self.assertIn("route       all: path /apiA (prefix stripped) -> pool a", lines)
         self.assertIn("notice      [pool:b]: no route sends requests here", lines)
+        self.assertIn("              no rate limit", lines)
+
+    def test_effective_policies(self):
+        config = self.load_text(
+            MINIMAL
+            + "allow = 10.0.0.0/8\n"
+            + "\n[route:admin]\npath_prefix = /admin\ndeny = all\nrate_limit = off\n"
+            + "\n[ratelimit]\nrate_limit = 100/s\nburst = 200\n"
+        )
+        lines = list(describe(config))
+        self.assertIn(
+            "              rate limit 100/s burst 200 by client_ip; allow 10.0.0.0/8",
+            lines,
+        )
+        self.assertIn("route       admin: path /admin -> nowhere", lines)
+        self.assertIn("              no rate limit; deny all", lines)
+
+
+class StrictnessTests(ConfigFileMixin, SynchronousTestCase):
+    """
+    What used to pass --check and then fail at start now fails --check.
+    """
+
+    def one_problem(self, text: str) -> str:
+        problems = self.problems(text)
+        self.assertEqual(len(problems), 1, problems)
+        return problems[0]
+
+    def test_bad_host_names(self):
+        for host, message in [
+            ("a..b", "is not a valid host name"),
+            ("x" * 64 + ".test", "is not a valid host name"),
+            ("-a.test", "is not a valid host name"),
+            ("1.2.3.999", "is not a valid IPv4 address"),
+            ("[1.2.3.4]", "is not an IPv6 address"),
+        ]:
+            problem = self.one_problem(
+                MINIMAL.replace("127.0.0.1:8081", f"{host}:8081")
+            )
+            self.assertIn(message, problem)
+
+    def test_weight_twice(self):
+        problem = self.one_problem(MINIMAL.replace("8081", "8081 weight=2 weight=3"))
+        self.assertIn("weight is given twice", problem)
+
+    def test_non_ascii_digits(self):
+        problem = self.one_problem(
+            MINIMAL.replace("[lb]\n", "[lb]\nmax_body_size = \u0661\u0662\n")
+        )
+        self.assertIn("[lb] max_body_size: expected a size", problem)
+
+    def test_unwritable_access_log(self):
+        problem = self.one_problem(
+            MINIMAL.replace("[lb]\n", "[lb]\naccess_log = /nonexistent/dir/x.log\n")
+        )
+        self.assertIn("[lb] access_log: cannot write /nonexistent/dir/x.log", problem)
+
+    def test_endpoints_checked(self):
+        for listen, message in [
+            (
+                "ssl:8443:privateKey=/etc/passwd",
+                "expected a tcp, tcp6 or unix endpoint",
+            ),
+            ("tcp:99999", "the port must be 0-65535"),
+            ("tcp:80:interface=not-an-ip", "interface must be an IP address"),
+            ("tcp:80:interface=\\:\\:1", "an IPv6 interface needs tcp6"),
+            ("tcp:80:backlog=-5", "backlog must be a positive number"),
+        ]:
+            problem = self.one_problem(
+                MINIMAL.replace("tcp:8080:interface=127.0.0.1", listen)
+            )
+            self.assertIn(message, problem)
+        config = self.load_text(
+            MINIMAL.replace(
+                "tcp:8080:interface=127.0.0.1",
+                "tcp6:8080:interface=\\:\\:1 unix:/tmp/l7lb.sock",
+            )
+        )
+        self.assertEqual(len(config.lb.listen), 2)
+
+
+class PolicyKeyTests(ConfigFileMixin, SynchronousTestCase):
+    def test_ratelimit_section_inherited_and_switched_off(self):
+        config = self.load_text(
+            MINIMAL
+            + "path_prefix = /a\n"
+            + "\n[route:b]\npool = a\npath_prefix = /b\nrate_limit = off\n"
+            + "\n[route:c]\npool = a\npath_prefix = /c\nburst = 7\n"
+            + "\n[route:d]\npool = a\npath_prefix = /d\nrate_limit = 2.5/s\n"
+            + "\n[ratelimit]\nrate_limit = 6000/m\nburst = 50\nrate_limit_key = header:X-Key\nmax_keys = 500\n"
+        )
+        limits = {r.name: r.rate_limit for r in config.routes}
+        self.assertEqual(
+            limits["all"],
+            RateLimitConfig(100.0, 50, "header:x-key", "6000/m", 6000, 60),
+        )
+        self.assertIsNone(limits["b"])
+        assert limits["c"] is not None and limits["d"] is not None
+        self.assertEqual((limits["c"].burst, limits["c"].key), (7, "header:x-key"))
+        self.assertEqual(
+            (
+                limits["d"].rate,
+                limits["d"].burst,
+                limits["d"].quota,
+                limits["d"].window,
+            ),
+            (2.5, 3, 5, 2),
+        )
+        self.assertEqual(config.ratelimit_max_keys, 500)
+
+    def test_balancing_keys(self):
+        config = self.load_text(
+            MINIMAL.replace(
+                "servers = http://127.0.0.1:8081",
+                "servers = http://127.0.0.1:8081\nbalance = hash\nhash_key = cookie:session\n"
+                "sticky = cookie SRV\n",
+            )
+            + "\n[pool:b]\nservers = http://127.0.0.1:1\nbalance = power_of_two\nslow_start = 30s\n"
+        )
+        a, b = config.pool("a"), config.pool("b")
+        self.assertEqual(
+            (a.balance, a.hash_key, a.sticky_cookie), ("hash", "cookie:session", "SRV")
+        )
+        self.assertEqual((b.balance, b.slow_start), ("power_of_two", 30.0))
+        self.assertIn(
+            "without [lb] secret_file, sticky cookies change", "\n".join(config.notices)
+        )
+
+    def test_access_keys(self):
+        config = self.load_text(
+            MINIMAL
+            + "allow = 10.0.0.0/8 2001:db8::/32\ndeny = 10.6.6.6\n"
+            + "\n[route:admin]\npath_prefix = /admin\ndeny = all\n"
+        )
+        rule = config.routes[0].access
+        assert rule is not None
+        self.assertEqual(len(rule.allow), 2)
+        self.assertEqual([str(n) for n in rule.deny], ["10.6.6.6/32"])
+        admin = config.routes[1]
+        self.assertIsNone(admin.pool)
+        assert admin.access is not None
+        self.assertTrue(admin.access.deny_all)
+
+    def test_policy_mistakes(self):
+        for extra, message in [
+            ("sticky = SRV\n", "expected 'cookie NAME'"),
+            ("hash_key = ip\n", "expected client_ip, header:NAME or cookie:NAME"),
+            ("slow_start = 30\n", "expected a duration"),
+        ]:
+            problems = self.problems(
+                MINIMAL.replace(
+                    "servers = http://127.0.0.1:8081",
+                    "servers = http://127.0.0.1:8081\n" + extra,
+                )
+            )
+            self.assertEqual(len(problems), 1, problems)
+            self.assertIn(message, problems[0])
+        problems = self.problems(MINIMAL + "allow = everyone\n")
+        self.assertIn("is not an IP address or CIDR block", problems[0])
+        problems = self.problems(MINIMAL.replace("pool = a", "path_prefix = /x"))
+        self.assertIn("missing: a route must name a pool (or deny = all)", problems[0])
+        problems = self.problems(
+            MINIMAL + "rate_limit = 1/s\nrate_limit_key = cookie:x\n"
+        )
+        self.assertIn("expected global, client_ip or header:NAME", problems[0])

@@ -95,3 +95,15 @@ class TargetTests(SynchronousTestCase):
         target = parse_target(b"/apiA/x?q=1")
         self.assertEqual(target.forwarded(), b"/apiA/x?q=1")
         self.assertEqual(target.forwarded(b"/x"), b"/x?q=1")
+
+
+class ParameterTests(SynchronousTestCase):
+    def test_dot_segments_with_parameters_refused(self):
+        for raw in (b"/apiB/..;/apiA", b"/a/.;x/b", b"/a/%2e%2e;/b"):
+            self.assertRaises(BadTarget, parse_target, raw)
+
+    def test_routes_see_paths_without_parameters(self):
+        target = parse_target(b"/apiA;jsessionid=1/x;v=2?q")
+        self.assertEqual(target.path, b"/apiA;jsessionid=1/x;v=2")
+        self.assertEqual(target.route_path, b"/apiA/x")
+        self.assertEqual(target.forwarded(), b"/apiA;jsessionid=1/x;v=2?q")

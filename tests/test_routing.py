@@ -100,3 +100,20 @@ class HelperTests(SynchronousTestCase):
         self.assertEqual(strip_prefix(b"/apiA", b"/apiA"), b"/")
         self.assertEqual(strip_prefix(b"/apiA/", b"/apiA"), b"/")
         self.assertEqual(strip_prefix(b"/x", b"/"), b"/x")
+
+
+class HostValueTests(SynchronousTestCase):
+    def test_valid_and_invalid(self):
+        from l7lb.routing import valid_host
+
+        for good in (
+            b"example.com",
+            b"example.com:8080",
+            b"[::1]:80",
+            b"127.0.0.1",
+            b"",
+            b"h:",
+        ):
+            self.assertTrue(valid_host(good), good)
+        for bad in (b"evil:.example.com", b"x X-Fold: y", b"a/b", b"[::1", b"a@b"):
+            self.assertFalse(valid_host(bad), bad)

@@ -111,7 +111,7 @@ class LimitTests(IntegrationTest):
         raw = yield exchange(self.port, b"GET / HTTP/1.0\r\n\r\n")
         self.assertEqual(status_of(raw), 200)
         self.assertEqual(
-            self.a.requests[-1].header(b"Host"), [b"127.0.0.1:%d" % self.a.port]
+            self.a.requests[-1].header(b"Host"), [b"127.0.0.1:%d" % self.port]
         )
 
     @inlineCallbacks
