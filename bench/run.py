@@ -3,11 +3,13 @@
 One run starts two fast local backends, then each target in turn, and drives
 each with ``wrk -t1`` at every requested connection count. Proxies run pinned
 to one core, wrk and the backends to another, so that the numbers say how
-much one core of proxy buys. Standard library only: it runs with the system
+much one core of proxy buys. The ``-tls`` targets are l7lb, NGINX and HAProxy
+terminating TLS (a self-signed certificate made for the run) in front of the
+same plain-HTTP backends. Standard library only: it runs with the system
 ``python3`` and uses the venv only to start l7lb and the Twisted baseline.
 
     python3 bench/run.py [--duration 10] [--connections 50,200]
-                         [--only l7lb,direct,...] [--workers N]
+                         [--only l7lb,direct,...] [--no-tls] [--workers N]
 
 See bench/README.md for how to read the tables.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import http.client
 import json
 import os
@@ -26,6 +29,7 @@ import resource
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -40,7 +44,17 @@ from backend import BODY
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 WRK_SCRIPT = BENCH_DIR / "wrk_report.lua"
-TARGETS = ("direct", "l7lb", "twisted-proxy", "nginx", "haproxy")
+TLS_SUFFIX = "-tls"
+TARGETS = (
+    "direct",
+    "l7lb",
+    "twisted-proxy",
+    "nginx",
+    "haproxy",
+    "l7lb-tls",
+    "nginx-tls",
+    "haproxy-tls",
+)
 LOCALHOST = "127.0.0.1"
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 5.0
@@ -48,6 +62,25 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 NEAR_DIRECT = 0.85
 LOAD_SATURATED = 90.0
 OTHER_LOAD_WARNING = 10.0
+# TLS 1.2 suites for NGINX and HAProxy, the list l7lb uses (Mozilla's
+# "intermediate" without DHE: ECDHE with AES-GCM or ChaCha20). TLS 1.3 suites
+# are OpenSSL's defaults in all three.
+TLS12_CIPHERS = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    ]
+)
+TLS_SUMMARY = (
+    "TLS 1.2+1.3, ECDSA P-256 self-signed certificate (CN/SAN localhost) made "
+    "for this run, TLS 1.2 ciphers ECDHE + AES-GCM/ChaCha20, TLS 1.3 "
+    "OpenSSL's defaults, ALPN h2 and http/1.1 offered (wrk sends no ALPN: "
+    "HTTP/1.1), plain HTTP to the backends"
+)
 
 
 class UnavailableError(Exception):
@@ -185,13 +218,29 @@ def wait_for_port(child: Child, port: int, timeout: float = START_TIMEOUT) -> No
         time.sleep(0.05)
 
 
-def check_answers(port: int, exact_body: bool) -> None:
+def client_tls_context() -> ssl.SSLContext:
+    """Like wrk's: any certificate accepted, no ALPN offered (so HTTP/1.1)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def check_answers(port: int, exact_body: bool, tls: bool = False) -> str:
     """A few GETs must come back 200 with the backend's body before measuring.
 
     Several requests on one connection, so both backends and keep-alive are
-    exercised; a target that answers 502 is reported, not benchmarked.
+    exercised; a target that answers 502 is reported, not benchmarked. Over
+    TLS, returns the protocol and cipher that were negotiated.
     """
-    conn = http.client.HTTPConnection(LOCALHOST, port, timeout=5)
+    conn: http.client.HTTPConnection
+    if tls:
+        conn = http.client.HTTPSConnection(
+            LOCALHOST, port, timeout=5, context=client_tls_context()
+        )
+    else:
+        conn = http.client.HTTPConnection(LOCALHOST, port, timeout=5)
+    negotiated = ""
     try:
         for _ in range(4):
             conn.request("GET", "/")
@@ -205,10 +254,14 @@ def check_answers(port: int, exact_body: bool) -> None:
                 raise UnavailableError(
                     f"GET / returned an unexpected body {body[:80]!r}"
                 )
+        if isinstance(conn.sock, ssl.SSLSocket):
+            cipher = conn.sock.cipher()
+            negotiated = f"{conn.sock.version()} {cipher[0] if cipher else '?'}"
     except (OSError, http.client.HTTPException) as e:
         raise UnavailableError(f"GET / failed: {e!r}") from None
     finally:
         conn.close()
+    return negotiated
 
 
 # --------------------------------------------------------------------------
@@ -348,7 +401,7 @@ class WrkResult:
 
 
 def run_wrk(
-    children: Children, port: int, connections: int, seconds: float, cpus: str
+    children: Children, url: str, connections: int, seconds: float, cpus: str
 ) -> WrkResult:
     """Run wrk to completion and read the JSON line its done() hook prints."""
     argv = [
@@ -359,7 +412,7 @@ def run_wrk(
         "--latency",
         "-s",
         str(WRK_SCRIPT),
-        f"http://{LOCALHOST}:{port}/",
+        url,
     ]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     child = children.start(f"wrk-c{connections}", argv, cpus)
@@ -413,6 +466,7 @@ class Context:
     workdir: Path
     ports: set[int]
     backend: Backend | None = None
+    certificate: Path | None = None
 
 
 @dataclasses.dataclass
@@ -422,6 +476,93 @@ class Running:
     port: int
     child: Child | None
     note: str = ""
+    tls: bool = False
+
+    @property
+    def url(self) -> str:
+        """What wrk is pointed at."""
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{LOCALHOST}:{self.port}/"
+
+
+# The fallback when the openssl command is missing: the venv's cryptography
+# (an l7lb dependency) writes the same kind of key and certificate to stdout.
+CERTIFICATE_SCRIPT = """
+import datetime, ipaddress, sys
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+key = ec.generate_private_key(ec.SECP256R1())
+name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+now = datetime.datetime.now(datetime.timezone.utc)
+san = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+certificate = (
+    x509.CertificateBuilder().subject_name(name).issuer_name(name)
+    .public_key(key.public_key()).serial_number(x509.random_serial_number())
+    .not_valid_before(now - datetime.timedelta(hours=1))
+    .not_valid_after(now + datetime.timedelta(days=2))
+    .add_extension(x509.SubjectAlternativeName(san), critical=False)
+    .sign(key, hashes.SHA256())
+)
+sys.stdout.buffer.write(
+    key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    + certificate.public_bytes(serialization.Encoding.PEM)
+)
+"""
+
+
+def _certificate_tool(argv: list[str]) -> bytes:
+    """Run a certificate-making command; its stdout, or the reason it failed."""
+    try:
+        done = subprocess.run(argv, capture_output=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise UnavailableError(f"making the test certificate failed: {e}") from None
+    if done.returncode != 0:
+        said = done.stderr.decode(errors="replace").strip().splitlines()
+        raise UnavailableError(
+            f"making the test certificate failed: {said[-1] if said else '?'}"
+        )
+    return done.stdout
+
+
+def tls_certificate(ctx: Context) -> Path:
+    """One PEM file, private key then certificate, made once per run in workdir.
+
+    ECDSA P-256, self-signed, CN and SAN localhost (and 127.0.0.1), valid for
+    two days. It lives in the run's temporary directory and goes with it.
+    """
+    if ctx.certificate is not None:
+        return ctx.certificate
+    home = ctx.workdir / "tls"
+    home.mkdir(mode=0o700, exist_ok=True)
+    openssl = shutil.which("openssl")
+    python = Path(ctx.args.venv) / "bin" / "python"
+    if openssl is not None:
+        key, cert = home / "key.pem", home / "cert.pem"
+        argv = [openssl, "req", "-x509", "-newkey", "ec"]
+        argv += ["-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        argv += ["-keyout", str(key), "-out", str(cert), "-days", "2"]
+        argv += ["-subj", "/CN=localhost"]
+        argv += ["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"]
+        _certificate_tool(argv)
+        pem = key.read_bytes() + cert.read_bytes()
+    elif python.exists():
+        pem = _certificate_tool([str(python), "-c", CERTIFICATE_SCRIPT])
+    else:
+        raise UnavailableError(
+            "no openssl command and no venv python to make a test certificate"
+        )
+    combined = home / "combined.pem"
+    fd = os.open(combined, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(pem)
+    ctx.certificate = combined
+    return combined
 
 
 def nginx_config(workdir: Path, workers: int, http_block: str) -> str:
@@ -533,14 +674,29 @@ def backend_urls(ctx: Context) -> list[str]:
     return [f"http://{LOCALHOST}:{port}" for port in ctx.backend.ports]
 
 
-def l7lb_config(ctx: Context, port: int) -> str:
-    """The l7lb configuration: round robin over the two backends, no access log."""
+def l7lb_config(ctx: Context, port: int, certificate: Path | None = None) -> str:
+    """The l7lb configuration: round robin over the two backends, no access log.
+
+    With a certificate, the one listener terminates TLS (and nothing is
+    served in plain HTTP).
+    """
     servers = "".join(f"\n    {url}" for url in backend_urls(ctx))
     workers = f"workers = {ctx.args.workers}\n" if ctx.args.workers != 1 else ""
+    key = "listen" if certificate is None else "tls_listen"
+    tls = (
+        ""
+        if certificate is None
+        else f"""
+[tls]
+certificates = {certificate}
+min_version = TLSv1.2
+alpn = h2 http/1.1
+"""
+    )
     return f"""[lb]
-listen = tcp:{port}:interface={LOCALHOST}
+{key} = tcp:{port}:interface={LOCALHOST}
 access_log = off
-{workers}
+{workers}{tls}
 [pool:bench]
 servers ={servers}
 balance = round_robin
@@ -570,16 +726,18 @@ def check_l7lb_plugin(twistd: Path) -> None:
         )
 
 
-def start_l7lb(ctx: Context) -> Running:
+def start_l7lb(ctx: Context, tls: bool = False) -> Running:
     """``twistd -n l7lb`` on a generated config, pinned to the proxy core."""
     twistd = Path(ctx.args.venv) / "bin" / "twistd"
     check_l7lb_plugin(twistd)
+    certificate = tls_certificate(ctx) if tls else None
+    name = "l7lb-tls" if tls else "l7lb"
     port = free_port(ctx.ports)
-    config = ctx.workdir / "lb.ini"
-    config.write_text(l7lb_config(ctx, port))
+    config = ctx.workdir / f"{name}.ini"
+    config.write_text(l7lb_config(ctx, port, certificate))
     argv = [str(twistd), "-n", "--pidfile=", "l7lb", "--config", str(config)]
-    child = ctx.children.start("l7lb", argv, ctx.args.proxy_cpus)
-    return Running(port, child)
+    child = ctx.children.start(name, argv, ctx.args.proxy_cpus)
+    return Running(port, child, tls=tls)
 
 
 def start_twisted_proxy(ctx: Context) -> Running:
@@ -599,9 +757,18 @@ def start_twisted_proxy(ctx: Context) -> Running:
     return Running(port, child, "new backend connection per request, HTTP/1.0")
 
 
-def start_nginx_proxy(ctx: Context) -> Running:
+def start_nginx_proxy(ctx: Context, tls: bool = False) -> Running:
     """NGINX as a round-robin reverse proxy with upstream keep-alive."""
     assert ctx.backend is not None
+    tls_lines = ""
+    if tls:
+        certificate = tls_certificate(ctx)
+        tls_lines = f"""
+        ssl_certificate {certificate};
+        ssl_certificate_key {certificate};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_ciphers {TLS12_CIPHERS};
+        ssl_prefer_server_ciphers on;"""
     port = free_port(ctx.ports)
     servers = "\n".join(f"        server {LOCALHOST}:{p};" for p in ctx.backend.ports)
     http_block = f"""    upstream bench {{
@@ -610,25 +777,31 @@ def start_nginx_proxy(ctx: Context) -> Running:
         keepalive_requests 1000000;
     }}
     server {{
-        listen {LOCALHOST}:{port} backlog=4096;
+        listen {LOCALHOST}:{port}{" ssl http2" if tls else ""} backlog=4096;{tls_lines}
         location / {{
             proxy_pass http://bench;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
         }}
     }}"""
-    child = start_nginx(
-        ctx, "nginx-proxy", ctx.args.workers, http_block, ctx.args.proxy_cpus
-    )
-    return Running(port, child, f"{ctx.args.workers} worker(s), keepalive 256")
+    name = "nginx-tls-proxy" if tls else "nginx-proxy"
+    child = start_nginx(ctx, name, ctx.args.workers, http_block, ctx.args.proxy_cpus)
+    return Running(port, child, f"{ctx.args.workers} worker(s), keepalive 256", tls)
 
 
-def start_haproxy(ctx: Context) -> Running:
+def start_haproxy(ctx: Context, tls: bool = False) -> Running:
     """HAProxy in HTTP mode, round robin, idle server connections always reused."""
     haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
     if not os.access(haproxy, os.X_OK):
         raise UnavailableError("haproxy is not installed")
     assert ctx.backend is not None
+    tls_global = bind_tls = ""
+    if tls:
+        certificate = tls_certificate(ctx)
+        tls_global = f"""
+    ssl-default-bind-ciphers {TLS12_CIPHERS}
+    ssl-default-bind-options ssl-min-ver TLSv1.2"""
+        bind_tls = f" ssl crt {certificate} alpn h2,http/1.1"
     port = free_port(ctx.ports)
     servers = "\n".join(
         f"    server b{i} {LOCALHOST}:{p}"
@@ -636,7 +809,7 @@ def start_haproxy(ctx: Context) -> Running:
     )
     config = f"""global
     nbthread {ctx.args.workers}
-    maxconn 4096
+    maxconn 4096{tls_global}
 
 defaults
     mode http
@@ -648,18 +821,20 @@ defaults
     timeout http-keep-alive 30s
 
 frontend bench
-    bind {LOCALHOST}:{port}
+    bind {LOCALHOST}:{port}{bind_tls}
     default_backend bench
 
 backend bench
     balance roundrobin
 {servers}
 """
-    path = ctx.workdir / "haproxy.cfg"
+    name = "haproxy-tls" if tls else "haproxy"
+    path = ctx.workdir / f"{name}.cfg"
     path.write_text(config)
     argv = [haproxy, "-db", "-f", str(path)]
-    child = ctx.children.start("haproxy", argv, ctx.args.proxy_cpus)
-    return Running(port, child, f"nbthread {ctx.args.workers}, http-reuse always")
+    child = ctx.children.start(name, argv, ctx.args.proxy_cpus)
+    note = f"nbthread {ctx.args.workers}, http-reuse always"
+    return Running(port, child, note, tls)
 
 
 STARTERS: dict[str, Callable[[Context], Running]] = {
@@ -668,6 +843,9 @@ STARTERS: dict[str, Callable[[Context], Running]] = {
     "twisted-proxy": start_twisted_proxy,
     "nginx": start_nginx_proxy,
     "haproxy": start_haproxy,
+    "l7lb-tls": functools.partial(start_l7lb, tls=True),
+    "nginx-tls": functools.partial(start_nginx_proxy, tls=True),
+    "haproxy-tls": functools.partial(start_haproxy, tls=True),
 }
 
 
@@ -678,7 +856,9 @@ def running(ctx: Context, target: str) -> Iterator[Running]:
     try:
         if started.child is not None:
             wait_for_port(started.child, started.port)
-        check_answers(started.port, exact_body=False)
+        negotiated = check_answers(started.port, exact_body=False, tls=started.tls)
+        if negotiated:
+            started.note = f"{started.note}, {negotiated}".lstrip(", ")
         yield started
     finally:
         if started.child is not None:
@@ -714,6 +894,7 @@ class Row:
     load_cores_other_pct: float | None = None
     l7lb_rps_ratio: float | None = None
     l7lb_cpu_ratio: float | None = None
+    tls_cpu_ratio: float | None = None
 
     @property
     def error_total(self) -> int:
@@ -746,12 +927,12 @@ def measure(ctx: Context, target: str, run: Running, connections: int) -> Row:
     args = ctx.args
     assert ctx.backend is not None
     progress(f"{target} c={connections}: warm-up {args.warmup:g}s")
-    run_wrk(ctx.children, run.port, connections, args.warmup, args.load_cpus)
+    run_wrk(ctx.children, run.url, connections, args.warmup, args.load_cpus)
     progress(f"{target} c={connections}: measuring {args.duration:g}s")
     proxy_pid = run.child.proc.pid if run.child else None
     backend_pid = ctx.backend.child.proc.pid
     before = Usage.now(proxy_pid, backend_pid)
-    wrk = run_wrk(ctx.children, run.port, connections, args.duration, args.load_cpus)
+    wrk = run_wrk(ctx.children, run.url, connections, args.duration, args.load_cpus)
     after = Usage.now(proxy_pid, backend_pid)
     row = row_from(target, connections, run, wrk, before, after, args)
     if proxy_pid:
@@ -833,20 +1014,38 @@ def benchmark_target(ctx: Context, target: str, rows: list[Row]) -> None:
         rows += [Row(target, c, reason=str(e)) for c in counts if c not in done]
 
 
+def is_tls(target: str) -> bool:
+    """Whether a target terminates TLS (``l7lb-tls``, ``nginx-tls``...)."""
+    return target.endswith(TLS_SUFFIX)
+
+
 def add_ratios(rows: list[Row]) -> None:
-    """l7lb's req/s and CPU per request divided by each row's, per connection count."""
+    """Ratios between rows measured at the same connection count.
+
+    ``l7lb_*_ratio``: l7lb's req/s and CPU per request divided by the row's;
+    a ``-tls`` row is compared with ``l7lb-tls``, the others with plain l7lb.
+    ``tls_cpu_ratio``: a ``-tls`` row's CPU per request divided by that of
+    the same proxy in plain HTTP, what terminating TLS costs it.
+    """
     for count in {row.connections for row in rows}:
-        same = [row for row in rows if row.connections == count]
-        l7lb = next((r for r in same if r.target == "l7lb" and not r.reason), None)
-        if l7lb is None:
-            continue
-        for row in same:
-            if row.reason:
-                continue
-            if l7lb.rps and row.rps:
-                row.l7lb_rps_ratio = l7lb.rps / row.rps
-            if l7lb.proxy_cpu_s_per_1k and row.proxy_cpu_s_per_1k:
-                row.l7lb_cpu_ratio = l7lb.proxy_cpu_s_per_1k / row.proxy_cpu_s_per_1k
+        measured = {
+            row.target: row
+            for row in rows
+            if row.connections == count and not row.reason
+        }
+        for row in measured.values():
+            tls = is_tls(row.target)
+            l7lb = measured.get("l7lb-tls" if tls else "l7lb")
+            if l7lb is not None:
+                if l7lb.rps and row.rps:
+                    row.l7lb_rps_ratio = l7lb.rps / row.rps
+                if l7lb.proxy_cpu_s_per_1k and row.proxy_cpu_s_per_1k:
+                    row.l7lb_cpu_ratio = (
+                        l7lb.proxy_cpu_s_per_1k / row.proxy_cpu_s_per_1k
+                    )
+            plain = measured.get(row.target.removesuffix(TLS_SUFFIX)) if tls else None
+            if plain and plain.proxy_cpu_s_per_1k and row.proxy_cpu_s_per_1k:
+                row.tls_cpu_ratio = row.proxy_cpu_s_per_1k / plain.proxy_cpu_s_per_1k
 
 
 # --------------------------------------------------------------------------
@@ -865,6 +1064,7 @@ COLUMNS = (
     ("load core %", ">"),
     ("l7lb/this req/s", ">"),
     ("l7lb/this CPU", ">"),
+    ("TLS/plain CPU", ">"),
 )
 
 
@@ -897,6 +1097,7 @@ def table_cells(row: Row) -> list[str]:
         _num(row.load_cores_busy_pct, ".0f"),
         _num(row.l7lb_rps_ratio, ".2f"),
         _num(row.l7lb_cpu_ratio, ".2f"),
+        _num(row.tls_cpu_ratio, ".2f"),
     ]
 
 
@@ -980,6 +1181,8 @@ def report(meta: dict[str, Any], rows: list[Row]) -> str:
         f"CPU {meta['load_cpus']} {meta['idle_check'][1]:.0f}% busy "
         "(other load on the machine skews the numbers)",
     ]
+    if any(is_tls(row.target) for row in rows):
+        out.append(f"-tls rows: wrk over https; {TLS_SUMMARY}")
     for count in meta["connections"]:
         same = [row for row in rows if row.connections == count]
         if not same:
@@ -993,7 +1196,9 @@ def report(meta: dict[str, Any], rows: list[Row]) -> str:
         "",
         "CPU s/1k req = proxy process tree utime+stime per 1,000 requests; "
         "errors = wrk connect/read/write/timeout + http (status >= 400); "
-        "l7lb/this > 1 means l7lb has more req/s (or uses more CPU) than that row.",
+        "l7lb/this > 1 means l7lb has more req/s (or uses more CPU) than that row "
+        "(l7lb-tls for -tls rows); TLS/plain CPU = a -tls row's CPU s/1k req "
+        "divided by the same proxy's in plain HTTP.",
     ]
     return "\n".join(out)
 
@@ -1004,6 +1209,7 @@ def tool_version(tool: str) -> str:
         "nginx": ["nginx", "-v"],
         "haproxy": ["haproxy", "-v"],
         "wrk": ["wrk", "--version"],
+        "openssl": ["openssl", "version"],
     }
     try:
         done = subprocess.run(
@@ -1096,7 +1302,7 @@ def comma_ints(text: str) -> list[int]:
 
 
 def target_list(text: str) -> list[str]:
-    """Validate ``--only`` and keep the usual order, direct first."""
+    """Validate ``--only`` and keep the usual order, direct first, TLS last."""
     names = [part.strip() for part in text.split(",") if part.strip()]
     unknown = sorted(set(names) - set(TARGETS))
     if unknown or not names:
@@ -1123,8 +1329,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         type=target_list,
-        default=list(TARGETS),
-        help="comma-separated targets to run",
+        default=argparse.SUPPRESS,  # all, or all without -tls under --no-tls
+        help=f"comma-separated targets to run, of {', '.join(TARGETS)} "
+        "(default: all of them, or those without -tls under --no-tls)",
+    )
+    parser.add_argument(
+        "--tls",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="include the -tls rows (l7lb, NGINX and HAProxy terminating TLS)",
     )
     parser.add_argument(
         "--workers",
@@ -1159,6 +1372,10 @@ def check_environment(
         parser.error("--duration and --warmup must be positive")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
+    if "only" not in args:
+        args.only = [t for t in TARGETS if args.tls or not is_tls(t)]
+    elif not args.tls and any(is_tls(t) for t in args.only):
+        parser.error("--no-tls contradicts the -tls targets named in --only")
     allowed = os.sched_getaffinity(0)
     for option in ("proxy_cpus", "load_cpus"):
         try:
@@ -1192,11 +1409,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "workers": args.workers,
         "proxy_cpus": args.proxy_cpus,
         "load_cpus": args.load_cpus,
+        "tls": TLS_SUMMARY if any(is_tls(t) for t in args.only) else None,
+        "tls12_ciphers": TLS12_CIPHERS,
         "machine": machine(),
         "versions": {
             "wrk": tool_version("wrk"),
             "nginx": tool_version("nginx"),
             "haproxy": tool_version("haproxy"),
+            "openssl": tool_version("openssl"),
             **venv_versions(args.venv),
         },
         "idle_check": idle_check(args),
