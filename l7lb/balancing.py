@@ -3,8 +3,9 @@
 Balancing strategies: which backend of a pool takes the next request.
 
 A strategy sees the pool's backends in their configured order and picks one
-that is in rotation and not excluded (a retry excludes the backend that just
-failed), or C{None} when there is none. Weights, scaled down during a
+that is in rotation, below its cap on concurrent requests and not excluded
+(a retry excludes the backends already tried), or C{None} when there is
+none. Weights, scaled down during a
 backend's slow start, are honoured by every strategy except round_robin
 (which is plain rotation by definition) and hash (where moving keys to
 follow a changing weight would defeat the point of consistent hashing).
@@ -54,7 +55,11 @@ class RoundRobin:
         for step in range(count):
             index = (start + step) % count
             backend = backends[index]
-            if backend.in_rotation and backend not in exclude:
+            if (
+                backend.in_rotation
+                and backend.inflight < backend.max_inflight
+                and backend not in exclude
+            ):
                 self._next = index + 1
                 return backend
         return None
@@ -81,7 +86,11 @@ class SmoothWeightedRoundRobin:
         best: Backend | None = None
         best_weight = 0.0
         for backend in backends:
-            if not backend.in_rotation or backend in exclude:
+            if (
+                not backend.in_rotation
+                or backend.inflight >= backend.max_inflight
+                or backend in exclude
+            ):
                 continue
             effective = backend.current_weight()
             weight = current.get(backend, 0.0) + effective
@@ -121,7 +130,11 @@ class LeastConnections:
         for step in range(count):
             index = (start + step) % count
             backend = backends[index]
-            if not backend.in_rotation or backend in exclude:
+            if (
+                not backend.in_rotation
+                or backend.inflight >= backend.max_inflight
+                or backend in exclude
+            ):
                 continue
             weight = backend.current_weight()
             if best is None or backend.inflight * best_weight < best.inflight * weight:
@@ -147,7 +160,11 @@ class PowerOfTwoChoices:
         exclude: Container[Backend] = (),
         key: bytes | None = None,
     ) -> Backend | None:
-        candidates = [b for b in backends if b.in_rotation and b not in exclude]
+        candidates = [
+            b
+            for b in backends
+            if b.in_rotation and b.inflight < b.max_inflight and b not in exclude
+        ]
         if len(candidates) < 2:
             return candidates[0] if candidates else None
         weights = [b.current_weight() for b in candidates]
@@ -222,7 +239,11 @@ class ConsistentHash:
             backend = owners[(start + step) % count]
             if backend in seen:
                 continue
-            if backend.in_rotation and backend not in exclude:
+            if (
+                backend.in_rotation
+                and backend.inflight < backend.max_inflight
+                and backend not in exclude
+            ):
                 return backend
             seen.add(backend)
             if len(seen) == len(self._built_for):

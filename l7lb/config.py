@@ -103,6 +103,16 @@ class PoolConfig:
     hash_key: str = "client_ip"
     sticky_cookie: str | None = None
     slow_start: float = 0.0
+    max_fails: int = 3
+    fail_timeout: float = 10.0
+    fail_on_5xx: bool = False
+    max_connections: int = 0
+    pool_max_connections: int = 0
+    max_queue: int = 0
+    queue_timeout: float = 5.0
+    retries: int = 1
+    retry_budget: float = 0.2
+    idle_timeout: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +189,11 @@ class LBConfig:
     keepalive_timeout: float = 60.0
     tls_handshake_timeout: float = 10.0
     secret_file: str | None = None
+    client_header_timeout: float = 10.0
+    client_body_timeout: float = 120.0
+    max_connections: int = 0
+    max_connections_per_ip: int = 0
+    max_headers: int = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +263,16 @@ _KNOWN_POOL_KEYS = frozenset(
         "hash_key",
         "sticky",
         "slow_start",
+        "max_fails",
+        "fail_timeout",
+        "fail_on_5xx",
+        "max_connections",
+        "pool_max_connections",
+        "max_queue",
+        "queue_timeout",
+        "retries",
+        "retry_budget",
+        "idle_timeout",
     }
 )
 _KNOWN_ROUTE_KEYS = frozenset(
@@ -279,6 +304,11 @@ _KNOWN_LB_KEYS = frozenset(
         "keepalive_timeout",
         "tls_handshake_timeout",
         "secret_file",
+        "client_header_timeout",
+        "client_body_timeout",
+        "max_connections",
+        "max_connections_per_ip",
+        "max_headers",
     }
 )
 _KNOWN_RATELIMIT_KEYS = frozenset({"rate_limit", "burst", "rate_limit_key", "max_keys"})
@@ -422,6 +452,19 @@ class _Reader:
                 section, "tls_handshake_timeout", _positive_duration, 10.0
             ),
             secret_file=self.value(section, "secret_file", self.secret_file, None),
+            client_header_timeout=self.value(
+                section, "client_header_timeout", _positive_duration, 10.0
+            ),
+            client_body_timeout=self.value(
+                section, "client_body_timeout", _positive_duration, 120.0
+            ),
+            max_connections=self.value(
+                section, "max_connections", _count(0, 10_000_000), 0
+            ),
+            max_connections_per_ip=self.value(
+                section, "max_connections_per_ip", _count(0, 10_000_000), 0
+            ),
+            max_headers=self.value(section, "max_headers", _count(1, 10_000), 100),
         )
 
     def endpoints(self, text: str) -> list[str]:
@@ -544,6 +587,20 @@ class _Reader:
             hash_key=self.value(section, "hash_key", _request_key, "client_ip"),
             sticky_cookie=self.value(section, "sticky", _sticky, None),
             slow_start=self.value(section, "slow_start", units.parse_duration, 0.0),
+            max_fails=self.value(section, "max_fails", _count(0, 1000), 3),
+            fail_timeout=self.value(section, "fail_timeout", _positive_duration, 10.0),
+            fail_on_5xx=self.value(section, "fail_on_5xx", units.parse_bool, False),
+            max_connections=self.value(
+                section, "max_connections", _count(0, 10_000_000), 0
+            ),
+            pool_max_connections=self.value(
+                section, "pool_max_connections", _count(0, 10_000_000), 0
+            ),
+            max_queue=self.value(section, "max_queue", _count(0, 10_000_000), 0),
+            queue_timeout=self.value(section, "queue_timeout", _positive_duration, 5.0),
+            retries=self.value(section, "retries", _count(0, 10), 1),
+            retry_budget=self.value(section, "retry_budget", _percentage, 0.2),
+            idle_timeout=self.value(section, "idle_timeout", _positive_duration, 60.0),
         )
 
     def read_health(self, section: str) -> HealthCheckConfig | None:
@@ -792,6 +849,18 @@ def _size_at_least(minimum: int) -> Callable[[str], int]:
         return size
 
     return parse
+
+
+def _count(minimum: int, maximum: int) -> Callable[[str], int]:
+    return lambda text: units.parse_int(text, minimum, maximum)
+
+
+def _percentage(text: str) -> float:
+    word = text.strip()
+    number = word[:-1] if word.endswith("%") else ""
+    if not (number.isascii() and number.isdigit() and int(number) <= 100):
+        raise ValueError(f"expected a percentage like 20%, got {word!r}")
+    return int(number) / 100
 
 
 def _positive_duration(text: str) -> float:

@@ -16,6 +16,7 @@ CONTENT_TYPE = b"text/plain; charset=utf-8"
 _REASONS = {
     413: b"Content Too Large",
     414: b"URI Too Long",
+    408: b"Request Timeout",
     429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
     504: b"Gateway Timeout",
@@ -33,26 +34,31 @@ def body(status: int) -> bytes:
     return b"%d %s\n" % (status, reason(status))
 
 
-def raw_response(status: int) -> bytes:
+def raw_response(status: int, headers: dict[bytes, bytes] | None = None) -> bytes:
     """
     A whole HTTP/1.1 response that closes the connection, for refusals made
-    before any request object exists (a malformed or oversized head).
+    while the request is still being read (a malformed or oversized head, a
+    request refused before its body).
     """
     content = body(status)
+    extra = b"".join(b"%s: %s\r\n" % item for item in (headers or {}).items())
     return (
         b"HTTP/1.1 %d %s\r\n"
         b"Content-Type: %s\r\n"
         b"Content-Length: %d\r\n"
+        b"%s"
         b"Connection: close\r\n"
-        b"\r\n%s" % (status, reason(status), CONTENT_TYPE, len(content), content)
+        b"\r\n%s" % (status, reason(status), CONTENT_TYPE, len(content), extra, content)
     )
 
 
-def describe_failure(failure: Failure) -> str:
+def describe_failure(failure: Failure | BaseException) -> str:
     """
     A short reason for logs, looking inside Twisted's wrapped client errors
     (C{ResponseNeverReceived([ConnectionLost])} and the like).
     """
+    if isinstance(failure, BaseException):
+        failure = Failure(failure)
     reasons = getattr(failure.value, "reasons", None)
     if reasons:
         return "; ".join(describe_failure(reason) for reason in reasons)

@@ -112,6 +112,10 @@ def upstream_request_headers(
     for name, values in raw.items():
         if name in _REQUEST_DROPPED or (dropped and name.lower() in dropped):
             continue
+        if b"_" in name:
+            # X_Forwarded_For must not pass for X-Forwarded-For with backends
+            # that map both to the same variable (CGI, WSGI, PHP).
+            continue
         out[name] = list(values)
 
     client = client_ip.encode()

@@ -221,10 +221,7 @@ class HealthChecker:
         change = self.state.record(result.ok)
         if change is None:
             return
-        if change:
-            self.backend.return_to_rotation()
-        else:
-            self.backend.leave_rotation()
+        self.backend.set_healthy(change)
         if change:
             self.log.info(
                 "backend {backend} of pool {pool} is back in rotation after "

@@ -6,33 +6,47 @@ in flight, sticky-session tokens, the connections to each backend.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import math
-from collections.abc import Container, Sequence
+import sys
+from collections import deque
+from collections.abc import Callable, Container, Sequence
 from typing import TYPE_CHECKING
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from l7lb.config import PoolConfig, ServerConfig
 
 if TYPE_CHECKING:
     from l7lb.balancing import Balancer
+    from l7lb.outlier import PassiveHealth
     from l7lb.upstream import UpstreamClient
 
 # A backend starting its slow start gets this share of its weight at first.
 SLOW_START_FLOOR = 0.01
+UNLIMITED = sys.maxsize
 
 
 class _NoClock:
     def seconds(self) -> float:
         return 0.0
 
+    def callLater(
+        self, delay: float, f: Callable[..., object], *args: object
+    ) -> IDelayedCall:
+        raise RuntimeError("this pool was made without a clock")
+
 
 class Backend:
     """
     One server of a pool. Identity matters: strategies keep per-backend state
     keyed by the object, so a backend is never rebuilt while it serves.
+
+    It is in rotation while its active health checks pass, passive health
+    has not ejected it, and it is not being drained; C{max_inflight} caps
+    its concurrent requests (circuit breaking).
     """
 
     __slots__ = (
@@ -41,8 +55,13 @@ class Backend:
         "address",
         "client",
         "config",
+        "draining",
+        "ejected",
+        "healthy",
         "in_rotation",
         "inflight",
+        "max_inflight",
+        "passive",
         "slow_start",
         "weight",
     )
@@ -53,28 +72,49 @@ class Backend:
         client: UpstreamClient,
         slow_start: float = 0.0,
         clock: IReactorTime | None = None,
+        max_inflight: int = 0,
     ) -> None:
         self.config = config
         self.address = config.address
         self.weight = config.weight
         self.client = client
+        self.healthy = True
+        self.ejected = False
+        self.draining = False
         self.in_rotation = True
         self.inflight = 0
+        self.max_inflight = max_inflight or UNLIMITED
+        self.passive: PassiveHealth | None = None
         self.slow_start = slow_start
         self._clock: IReactorTime | _NoClock = clock or _NoClock()
         self._ramp_until = 0.0
 
-    def return_to_rotation(self) -> None:
+    def set_healthy(self, healthy: bool) -> None:
         """
-        Back in rotation; with slow start its share ramps up from near zero.
+        The verdict of active health checks.
         """
-        self.in_rotation = True
-        if self.slow_start:
-            self._ramp_until = self._clock.seconds() + self.slow_start
+        self.healthy = healthy
+        self._update()
 
-    def leave_rotation(self) -> None:
-        self.in_rotation = False
-        self._ramp_until = 0.0
+    def set_ejected(self, ejected: bool) -> None:
+        """
+        The verdict of passive health (outlier detection).
+        """
+        self.ejected = ejected
+        self._update()
+
+    def set_draining(self, draining: bool) -> None:
+        self.draining = draining
+        self._update()
+
+    def _update(self) -> None:
+        was = self.in_rotation
+        self.in_rotation = self.healthy and not self.ejected and not self.draining
+        if self.in_rotation and not was and self.slow_start:
+            # Back in rotation: the share ramps up from near zero.
+            self._ramp_until = self._clock.seconds() + self.slow_start
+        elif not self.in_rotation:
+            self._ramp_until = 0.0
 
     def current_weight(self) -> float:
         """
@@ -94,10 +134,30 @@ class Backend:
         return f"<Backend {self.address} {state} inflight={self.inflight}>"
 
 
+class Waiter:
+    """
+    A request queued for a free slot; C{resume(True)} when one frees up,
+    C{resume(False)} when C{queue_timeout} passes first.
+    """
+
+    __slots__ = ("resume", "timer")
+
+    def __init__(self, resume: Callable[[bool], None]) -> None:
+        self.resume = resume
+        self.timer: IDelayedCall | None = None
+
+
+# Retries may always use this many concurrent slots, whatever the budget says
+# (as Envoy's min_retry_concurrency), so a quiet pool can still retry.
+MIN_RETRY_CONCURRENCY = 3
+
+
 class Pool:
     """
     A named set of backends and the strategy that spreads requests over them,
-    with sticky sessions on top when the pool asks for them.
+    with sticky sessions on top when the pool asks for them, caps on
+    concurrent requests (per backend and for the pool), a queue for
+    requests that meet the caps, and a budget for retries.
     """
 
     def __init__(
@@ -106,11 +166,20 @@ class Pool:
         backends: Sequence[Backend],
         balancer: Balancer,
         secret: bytes = b"",
+        clock: IReactorTime | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
         self.backends = list(backends)
         self.balancer = balancer
+        self.clock: IReactorTime | _NoClock = clock or _NoClock()
+        self.inflight = 0
+        self.max_inflight = config.pool_max_connections or UNLIMITED
+        self.queue: deque[Waiter] = deque()
+        self.retries_inflight = 0
+        self.retried = 0
+        self.queued = 0
+        self.shed = 0
         self.sticky_cookie = (
             config.sticky_cookie.encode("ascii") if config.sticky_cookie else None
         )
@@ -147,6 +216,72 @@ class Pool:
         C{key} is what a hashing strategy hashes.
         """
         return self.balancer.choose(self.backends, exclude, key)
+
+    def acquire(self, backend: Backend) -> None:
+        backend.inflight += 1
+        self.inflight += 1
+
+    def release(self, backend: Backend) -> None:
+        """
+        A request to C{backend} is over; a queued request may take its slot.
+        """
+        backend.inflight -= 1
+        self.inflight -= 1
+        if self.queue:
+            waiter = self.queue.popleft()
+            if waiter.timer is not None and waiter.timer.active():
+                waiter.timer.cancel()
+            waiter.resume(True)
+
+    def at_capacity(self) -> bool:
+        """
+        Whether the pool as a whole has as many requests in flight as it may.
+        """
+        return self.inflight >= self.max_inflight
+
+    def any_in_rotation(self, exclude: Container[Backend] = ()) -> bool:
+        return any(b.in_rotation and b not in exclude for b in self.backends)
+
+    def wait(
+        self, resume: Callable[[bool], None], first: bool = False
+    ) -> Waiter | None:
+        """
+        Queue a request until a slot frees up, or C{None} when the queue is
+        full (the request is then refused at once). C{first}: a waiter that
+        was woken but could not get a slot goes back to the head.
+        """
+        if len(self.queue) >= self.config.max_queue:
+            self.shed += 1
+            return None
+        waiter = Waiter(resume)
+        waiter.timer = self.clock.callLater(
+            self.config.queue_timeout, self._expire, waiter
+        )
+        if first:
+            self.queue.appendleft(waiter)
+        else:
+            self.queue.append(waiter)
+            self.queued += 1
+        return waiter
+
+    def _expire(self, waiter: Waiter) -> None:
+        waiter.timer = None
+        self.cancel(waiter)
+        waiter.resume(False)
+
+    def cancel(self, waiter: Waiter) -> None:
+        if waiter.timer is not None and waiter.timer.active():
+            waiter.timer.cancel()
+        with contextlib.suppress(ValueError):
+            self.queue.remove(waiter)
+
+    def may_retry(self) -> bool:
+        """
+        The retry budget: retries in flight stay below C{retry_budget} of
+        all requests in flight, so a failing pool is not hit twice as hard.
+        """
+        allowed = max(MIN_RETRY_CONCURRENCY, self.config.retry_budget * self.inflight)
+        return self.retries_inflight < allowed
 
     def sticky_backend(
         self, token: bytes | None, exclude: Container[Backend] = ()

@@ -15,8 +15,9 @@ when that is safe (nothing was sent, or the method is idempotent).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import IO, cast
+import functools
+from collections.abc import Callable, Sequence
+from typing import IO, Any, TypeVar, cast
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectError, ConnectingCancelledError
@@ -42,10 +43,32 @@ from zope.interface import implementer
 
 from l7lb.errors import describe_failure
 from l7lb.headers import downstream_response_headers, upstream_request_headers
-from l7lb.pool import Backend, Pool
+from l7lb.pool import Backend, Pool, Waiter
 from l7lb.site import BalancerRequest
 from l7lb.trust import TrustedProxies
 from l7lb.upstream import connection_headers
+
+
+def _guarded(method: _M) -> _M:
+    """
+    A bug in l7lb while handling one exchange costs that exchange (a 500, or
+    the connection when the response has begun) and one logged traceback;
+    it never reaches the reactor or another request.
+    """
+
+    @functools.wraps(method)
+    def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except Exception:
+            exchange = getattr(self, "exchange", self)
+            exchange.request.processingFailed(Failure())
+            return None
+
+    return cast(_M, guarded)
+
+
+_M = TypeVar("_M", bound=Callable[..., Any])
 
 # RFC 9110 section 9.2.2: a request that may be sent twice.
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
@@ -107,45 +130,93 @@ class BufferedBody:
         self._done = None
 
 
+@implementer(IPushProducer)
 class _ResponseRelay(Protocol):
     """
-    Receives a backend's response body and writes it to the client.
+    Receives a backend's response body and writes it to the client. It is
+    the producer of the client's response: a slow client pauses the read
+    from the backend. Between body bytes the backend gets C{idle_timeout},
+    a clock that stops while the client is the one holding things up.
     """
 
     def __init__(self, exchange: _Exchange, backend: Backend) -> None:
         self.exchange = exchange
         self.backend = backend
+        self.idle: IDelayedCall | None = None
+        self.idled_out = False
+        self.paused = False
 
     def connectionMade(self) -> None:
-        if not self.exchange.client_gone:
-            self.exchange.request.registerProducer(self.transport, True)
+        exchange = self.exchange
+        if exchange.client_gone:
+            return
+        exchange.request.registerProducer(self, True)
+        self._arm()
+
+    def _arm(self) -> None:
+        self.idle = self.exchange.forwarder.clock.callLater(
+            self.exchange.pool.config.idle_timeout, self._idled
+        )
+
+    def _disarm(self) -> None:
+        if self.idle is not None and self.idle.active():
+            self.idle.cancel()
+        self.idle = None
+
+    def _idled(self) -> None:
+        self.idle = None
+        self.idled_out = True
+        self.stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
+        if self.idle is not None:
+            self.idle.reset(self.exchange.pool.config.idle_timeout)
         if not self.exchange.client_gone:
             self.exchange.request.write(data)
 
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self._disarm()
+        if self.transport is not None:
+            cast(IPushProducer, self.transport).pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if self.idle is None and not self.idled_out:
+            self._arm()
+        if self.transport is not None:
+            cast(IPushProducer, self.transport).resumeProducing()
+
+    def stopProducing(self) -> None:
+        if self.transport is not None:
+            cast(IPushProducer, self.transport).stopProducing()
+
+    @_guarded
     def connectionLost(self, reason: Failure = ResponseDone) -> None:  # type: ignore[assignment]
+        self._disarm()
         exchange = self.exchange
         exchange.relay = None
         exchange.stop_body()
-        self.backend.inflight -= 1
+        exchange.release(self.backend)
         if exchange.client_gone:
             return
         request = exchange.request
         request.unregisterProducer()
         if reason.check(ResponseDone, PotentialDataLoss):
             request.finish()
+            return
+        why = (
+            "no body bytes within the idle timeout"
+            if self.idled_out
+            else describe_failure(reason)
+        )
+        exchange.backend_failed(self.backend, f"failed mid-body: {why}")
+        if not request.startedWriting:
+            # Nothing has reached the client yet: it can still have a clean
+            # answer instead of a cut one.
+            request.respond_error(504 if self.idled_out else 502)
         else:
-            exchange.forwarder.log.warn(
-                "backend {backend} failed while sending the response body: {reason}",
-                backend=self.backend.address,
-                reason=describe_failure(reason),
-            )
             request.abort("backend failed mid-body")
-
-    def stop(self) -> None:
-        if self.transport is not None:
-            cast(IPushProducer, self.transport).stopProducing()
 
 
 class _Discard(Protocol):
@@ -159,8 +230,10 @@ class _Discard(Protocol):
 
 class _Exchange:
     """
-    The life of one proxied request: choosing a backend, at most one retry,
-    relaying the response, tidying up if either side goes away.
+    The life of one proxied request: choosing a backend (or waiting in the
+    pool's queue for one), retries within the pool's budget, relaying the
+    response, telling passive health how each attempt went, and tidying up
+    if either side goes away.
     """
 
     def __init__(
@@ -183,30 +256,38 @@ class _Exchange:
         self.timed_out = False
         self.relay: _ResponseRelay | None = None
         self.tried: list[Backend] = []
+        self.retrying = False
+        self.waiter: Waiter | None = None
         self.cookie: bytes | None = None
 
     def start(self) -> None:
         self.request.notifyFinish().addErrback(self._client_gone)
         self._attempt(None)
 
-    def _attempt(self, failed_status: int | None) -> None:
+    def _attempt(self, failed_status: int | None, requeue: bool = False) -> None:
         """
-        Send the request to a backend not yet tried. C{failed_status} is the
-        answer of the attempt before, if any, given when no backend is left.
+        Send the request to a backend not yet tried, or queue it when the
+        caps are reached. C{failed_status} is the answer of the attempt
+        before, if any, given when no backend is left.
         """
-        backend = self._choose()
+        pool = self.pool
+        backend = None if pool.at_capacity() else self._choose()
         if backend is None:
-            if failed_status is None:
-                self.request.respond_error(503, {b"Retry-After": self.pool.retry_after})
+            if pool.any_in_rotation(self.tried):
+                self._queue(failed_status, requeue)
+            elif failed_status is None:
+                self.request.respond_error(503, {b"Retry-After": pool.retry_after})
             else:
                 self.request.respond_error(failed_status)
             return
         self.tried.append(backend)
         self.request.backend_address = backend.address
-        backend.inflight += 1
+        pool.acquire(backend)
+        if self.retrying:
+            pool.retries_inflight += 1
         self.timed_out = False
         self.timer = self.forwarder.clock.callLater(
-            self.pool.config.response_timeout, self._time_out
+            pool.config.response_timeout, self._time_out
         )
         request = self.request
         if request.body_size and request.content is not None:
@@ -224,6 +305,45 @@ class _Exchange:
             callbackArgs=(backend,),
             errbackArgs=(backend,),
         )
+
+    def _queue(self, failed_status: int | None, requeue: bool) -> None:
+        """
+        Every backend that could take the request is at its cap (or the pool
+        is): wait for a slot, up to C{queue_timeout}; a full queue means 503
+        at once.
+        """
+
+        def resume(ok: bool) -> None:
+            self.waiter = None
+            if self.client_gone:
+                return
+            if ok:
+                self._attempt(failed_status, requeue=True)
+            else:
+                self.request.respond_error(503, {b"Retry-After": b"1"})
+
+        self.waiter = self.pool.wait(resume, first=requeue)
+        if self.waiter is None:
+            self.request.respond_error(503, {b"Retry-After": b"1"})
+
+    def release(self, backend: Backend) -> None:
+        """
+        An attempt is over: its slot goes back (perhaps to a queued request).
+        """
+        if self.retrying:
+            self.retrying = False
+            self.pool.retries_inflight -= 1
+        self.pool.release(backend)
+
+    def backend_failed(self, backend: Backend, reason: str) -> None:
+        self.forwarder.log.warn(
+            "request to backend {backend} of pool {pool} failed: {reason}",
+            backend=backend.address,
+            pool=self.pool.name,
+            reason=reason,
+        )
+        if backend.passive is not None:
+            backend.passive.failure(reason)
 
     def _choose(self) -> Backend | None:
         """
@@ -266,23 +386,24 @@ class _Exchange:
             self.timer.cancel()
             self.timer = None
 
+    @_guarded
     def _failed(self, failure: Failure, backend: Backend) -> None:
         self._settle()
         self.stop_body()
-        backend.inflight -= 1
+        self.release(backend)
         if self.client_gone:
             return
         status, retry = self._judge(failure)
-        self.forwarder.log.warn(
-            "request to backend {backend} of pool {pool} failed: {reason}",
-            backend=backend.address,
-            pool=self.pool.name,
-            reason="no response headers within the response timeout"
+        self.backend_failed(
+            backend,
+            "no response headers within the response timeout"
             if self.timed_out
             else describe_failure(failure),
-            status=status,
         )
-        if retry and len(self.tried) == 1:
+        pool = self.pool
+        if retry and len(self.tried) <= pool.config.retries and pool.may_retry():
+            self.retrying = True
+            pool.retried += 1
             self._attempt(status)
         else:
             self.request.respond_error(status)
@@ -303,21 +424,22 @@ class _Exchange:
             return 502, self.method in IDEMPOTENT
         return 502, False
 
+    @_guarded
     def _got_response(self, response: IResponse, backend: Backend) -> None:
         self._settle()
         if self.client_gone or not 100 <= response.code <= 599:
-            backend.inflight -= 1
+            self.release(backend)
             self.stop_body()
             response.deliverBody(_Discard())
             if not self.client_gone:
-                self.forwarder.log.warn(
-                    "backend {backend} of pool {pool} answered with status {status}",
-                    backend=backend.address,
-                    pool=self.pool.name,
-                    status=response.code,
-                )
+                self.backend_failed(backend, f"invalid status {response.code}")
                 self.request.respond_error(502)
             return
+        if backend.passive is not None:
+            if response.code >= 500 and self.pool.config.fail_on_5xx:
+                backend.passive.failure(f"status {response.code}")
+            else:
+                backend.passive.success()
         request = self.request
         request.setResponseCode(response.code, response.phrase)
         headers = request.responseHeaders = downstream_response_headers(
@@ -342,10 +464,13 @@ class _Exchange:
     def _client_gone(self, failure: Failure) -> None:
         self.client_gone = True
         self.stop_body()
+        if self.waiter is not None:
+            self.pool.cancel(self.waiter)
+            self.waiter = None
         if self.pending is not None:
             self.pending.cancel()
         if self.relay is not None:
-            self.relay.stop()
+            self.relay.stopProducing()
 
 
 def _sticky_cookie(name: bytes, token: bytes, secure: bool) -> bytes:

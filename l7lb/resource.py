@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -37,6 +37,26 @@ class RoutePolicy:
 _NO_POLICY = RoutePolicy()
 
 
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """
+    A request the balancer takes: the pool and the origin-form target.
+    """
+
+    pool: Pool
+    target: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """
+    A request the balancer answers itself, with extra headers.
+    """
+
+    status: int
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+
+
 class BalancerResource(Resource):
     """
     Routes each request to its pool after the route's access list and rate
@@ -62,63 +82,79 @@ class BalancerResource(Resource):
         self.policies = policies or {}
 
     def render(self, request: BalancerRequest) -> int:
+        verdict = request.admission or self.admit(request, request.method, request.uri)
+        if isinstance(verdict, Refusal):
+            request.respond_error(verdict.status, verdict.headers)
+        else:
+            self.forwarder.forward(request, verdict.pool, verdict.target)
+        return NOT_DONE_YET
+
+    def admit(
+        self, request: BalancerRequest, method: bytes, uri: bytes
+    ) -> Admission | Refusal:
+        """
+        Decide what becomes of a request from its head alone: which pool and
+        target, or which refusal (400, 403, 404, 429, a 308 to https). It is
+        decided once, and may be decided before the body is read (to answer
+        C{Expect: 100-continue} only when the request will be taken); the
+        verdict is kept on the request.
+        """
+        verdict = self._decide(request, method, uri)
+        request.admission = verdict
+        return verdict
+
+    def _decide(
+        self, request: BalancerRequest, method: bytes, uri: bytes
+    ) -> Admission | Refusal:
         headers = request.requestHeaders
         request.request_id = request_id(headers.getRawHeaders(b"X-Request-Id"))
         try:
-            target = parse_target(request.uri)
+            target = parse_target(uri)
             host = self._host(request, target.authority)
         except BadTarget:
-            request.respond_error(400)
-            return NOT_DONE_YET
+            return Refusal(400)
         route = self.routes.match(
-            request.method,
-            host_name(host) if host else None,
-            target.route_path,
-            headers,
+            method, host_name(host) if host else None, target.route_path, headers
         )
         if route is None:
-            request.respond_error(404)
-            return NOT_DONE_YET
+            return Refusal(404)
         request.route_name = route.name
         if request.scheme == b"https":
             if route.hsts is not None:
                 request.additions.append((b"Strict-Transport-Security", route.hsts))
         elif route.redirect_https:
-            self._redirect(request, host, target.forwarded())
-            return NOT_DONE_YET
+            return self._redirect(request, host, target.forwarded())
         policy = self.policies.get(route.name, _NO_POLICY)
         if policy.access is not None and not policy.access.admits(
             request.client_address
         ):
-            request.respond_error(403)
-            return NOT_DONE_YET
-        if policy.limiter is not None and not self._admit(request, policy.limiter):
-            return NOT_DONE_YET
+            return Refusal(403)
+        if policy.limiter is not None:
+            refusal = self._spend_token(request, policy.limiter)
+            if refusal is not None:
+                return refusal
         assert route.pool is not None  # only a deny-all route has none
         path = target.path
         if route.strip_prefix and route.path_prefix is not None:
             path = strip_prefix(path, route.path_prefix)
-        self.forwarder.forward(request, self.pools[route.pool], target.forwarded(path))
-        return NOT_DONE_YET
+        return Admission(self.pools[route.pool], target.forwarded(path))
 
     @staticmethod
-    def _admit(request: BalancerRequest, limiter: RateLimiter) -> bool:
+    def _spend_token(request: BalancerRequest, limiter: RateLimiter) -> Refusal | None:
         """
-        Spend a token of the request's bucket; answer 429 when there is none.
+        Spend a token of the request's bucket; a 429 when there is none.
         Either way the response says how much is left.
         """
         decision = limiter.check(limit_key(limiter.config.key, request))
         fields = limiter.headers(decision)
-        if decision.allowed:
-            request.additions.extend(fields[:2])
-            return True
         request.additions.extend(fields[:2])
-        request.respond_error(429, dict(fields[2:]))
-        return False
+        if decision.allowed:
+            return None
+        return Refusal(429, dict(fields[2:]))
 
     def _redirect(
         self, request: BalancerRequest, host: bytes | None, target: bytes
-    ) -> None:
+    ) -> Refusal:
         """
         308 to the same target on the TLS listener: the method and body are
         kept by the client, unlike with 301.
@@ -126,7 +162,7 @@ class BalancerResource(Resource):
         name = host_name(host) if host else request.getHost().host.encode()
         port = self.https_port()
         authority = name if port in (None, 443) else b"%s:%d" % (name, port)
-        request.respond_error(308, {b"Location": b"https://" + authority + target})
+        return Refusal(308, {b"Location": b"https://" + authority + target})
 
     @staticmethod
     def _host(request: BalancerRequest, authority: bytes | None) -> bytes | None:

@@ -37,7 +37,9 @@ from l7lb.accesslog import AccessLog, AccessLogService
 from l7lb.balancing import balancer_for
 from l7lb.certificates import expiry_warnings, load_certificate_file
 from l7lb.config import Config, HealthCheckConfig
+from l7lb.connlimit import ConnectionCounts, ConnectionLimitFactory
 from l7lb.health import HealthService, checkers_for
+from l7lb.outlier import PassiveHealth
 from l7lb.pool import Backend, Pool
 from l7lb.proxy import Forwarder
 from l7lb.ratelimit import RateLimiter
@@ -111,14 +113,22 @@ class ListenerService(Service):
 
 class UpstreamService(Service):
     """
-    Closes the idle keep-alive connections to every backend at shutdown.
+    At shutdown: closes the idle keep-alive connections to every backend and
+    stops the ejection timers of passive health.
     """
 
-    def __init__(self, clients: Sequence[UpstreamClient]) -> None:
+    def __init__(
+        self, clients: Sequence[UpstreamClient], pools: Sequence[Pool]
+    ) -> None:
         self.clients = clients
+        self.pools = pools
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
+        for pool in self.pools:
+            for backend in pool.backends:
+                if backend.passive is not None:
+                    backend.passive.stop()
         return DeferredList([client.close() for client in self.clients])
 
 
@@ -156,6 +166,20 @@ class BalancerService(MultiService):
                 # twistd prints this line and exits 1, without a traceback.
                 raise SystemExit(f"l7lb: {e}") from None
             raise
+
+
+def listen_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
+    """
+    The endpoint for a listen string; TCP ones get a backlog of 1024 unless
+    they name one (Twisted's 50 drops connections in a burst).
+    """
+    if (
+        description.split(":", 1)[0] in ("tcp", "tcp6")
+        and "backlog=" not in description
+    ):
+        description += ":backlog=1024"
+    endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
+    return endpoint
 
 
 def read_secret(path: str | None) -> bytes:
@@ -203,9 +227,24 @@ def build(
         for server in pool_config.servers:
             client = upstream_for(reactor, server, pool_config)
             clients.append(client)
-            backends.append(Backend(server, client, pool_config.slow_start, reactor))
+            backend = Backend(
+                server,
+                client,
+                pool_config.slow_start,
+                reactor,
+                max_inflight=pool_config.max_connections,
+            )
+            if pool_config.max_fails:
+                backend.passive = PassiveHealth(
+                    pool_config.name,
+                    backend,
+                    pool_config.max_fails,
+                    pool_config.fail_timeout,
+                    reactor,
+                )
+            backends.append(backend)
         pools[pool_config.name] = Pool(
-            pool_config, backends, balancer_for(pool_config.balance), secret
+            pool_config, backends, balancer_for(pool_config.balance), secret, reactor
         )
 
     root = BalancerService(config, pools)
@@ -241,10 +280,19 @@ def build(
         [probe_connections.closeCachedConnections],
     ).setServiceParent(root)
     AccessLogService(access_log, reactor).setServiceParent(root)
-    UpstreamService(clients).setServiceParent(root)
+    UpstreamService(clients, list(pools.values())).setServiceParent(root)
+    counts = ConnectionCounts(config.lb.max_connections_per_ip)
+
+    def limited(factory: IProtocolFactory) -> IProtocolFactory:
+        if not (config.lb.max_connections or config.lb.max_connections_per_ip):
+            return factory
+        return ConnectionLimitFactory(
+            factory, config.lb.max_connections, counts, reactor
+        )
+
     for description in config.lb.listen:
         listener = ListenerService(
-            serverFromString(reactor, description), site, description
+            listen_endpoint(reactor, description), limited(site), description
         )
         listener.setServiceParent(root)
         root.listeners.append(listener)
@@ -269,7 +317,7 @@ def build(
         )
         for description in config.lb.tls_listen:
             listener = ListenerService(
-                serverFromString(reactor, description), factory, description
+                listen_endpoint(reactor, description), limited(factory), description
             )
             listener.setServiceParent(root)
             root.listeners.append(listener)

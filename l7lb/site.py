@@ -28,7 +28,7 @@ from twisted.web.resource import IResource
 from l7lb import errors
 from l7lb.accesslog import AccessLog
 from l7lb.config import LBConfig
-from l7lb.headers import HTTPDate
+from l7lb.headers import HTTPDate, connection_tokens
 from l7lb.trust import TrustedProxies
 
 
@@ -46,6 +46,8 @@ class BalancerRequest(http.Request):
     note = ""
     refused = False
     _logged = False
+    # The balancer's verdict on this request, once given (see resource.py).
+    admission: Any = None
 
     def __init__(self, channel: BalancerChannel, queued: object = None) -> None:
         super().__init__(channel)
@@ -233,15 +235,31 @@ class BalancerRequest(http.Request):
         self.site.access_log.log(self)
 
 
+# What a header value may hold (RFC 9110 section 5.5): visible characters,
+# space, tab and obs-text; anything else (NUL, CR, LF, other controls) is 400.
+_VALUE_BYTES = bytes([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])
+
+
 class BalancerChannel(http.HTTPChannel):
     """
-    HTTP/1.1 connection handling with l7lb's limits on the request head.
+    HTTP/1.1 connection handling with l7lb's limits and strictness.
+
+    On top of twisted.web's parser: the right statuses for oversized heads
+    (414, 431), a deadline for the whole request head and another for the
+    body (408: a client trickling bytes does not keep resetting an idle
+    timer), a cap on the number of header fields, and 400 for what could
+    smuggle a request past a backend that reads it differently: obs-fold
+    continuation lines, control characters in values, any Transfer-Encoding
+    but chunked, absurd Content-Length values. C{Expect: 100-continue} is
+    answered only once the request's route and limits have accepted it.
     """
 
     site: BalancerSite
     _refused = False
     _request_line_size = 0
+    _header_count = 0
     _lingering: Any = None
+    _deadline: Any = None
     # How long a refused client may go on sending before l7lb resets.
     LINGER = 5.0
 
@@ -249,15 +267,33 @@ class BalancerChannel(http.HTTPChannel):
         limits = self.site.limits
         self.max_uri_length = limits.max_uri_length
         self.max_header_size = limits.max_header_size
+        self.max_headers = limits.max_headers
         # Lines longer than this cannot be valid; stop buffering them.
         self.MAX_LENGTH = max(self.max_uri_length + 64, self.max_header_size)
         # The head limits are enforced here, with the right statuses.
         self.totalHeadersSize = self.max_uri_length + self.max_header_size + 64 + 1
+        self.maxHeaders = limits.max_headers + 1
         super().connectionMade()
+
+    def _start_deadline(self, seconds: float) -> None:
+        self._stop_deadline()
+        self._deadline = self.callLater(seconds, self._too_slow)
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        self.refuse(408)
 
     def dataReceived(self, data: bytes) -> None:
         if self._refused:
             return
+        if self._deadline is None and not self._handlingRequest:
+            # The first bytes of a request: its whole head must follow in time.
+            self._start_deadline(self.site.limits.client_header_timeout)
         super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
@@ -269,13 +305,65 @@ class BalancerChannel(http.HTTPChannel):
                 self.refuse(414)
                 return
             self._request_line_size = len(line)
-        elif (
-            self._receivedHeaderSize - self._request_line_size + len(line)
-            > self.max_header_size
-        ):
-            self.refuse(431)
-            return
+            self._header_count = 0
+        elif line:
+            if (
+                self._receivedHeaderSize - self._request_line_size + len(line)
+                > self.max_header_size
+            ):
+                self.refuse(431)
+                return
+            if line[0] in b" \t":
+                # obs-fold: folded lines are how some requests get smuggled.
+                self.refuse(400)
+                return
+            self._header_count += 1
+            if self._header_count > self.max_headers:
+                self.refuse(431)
+                return
         super().lineReceived(line)
+
+    def headerReceived(self, line: bytes) -> bool:
+        name, colon, value = line.partition(b":")
+        if colon:
+            value = value.strip(b" \t")
+            if value.translate(None, _VALUE_BYTES):
+                self.refuse(400)
+                return False
+            lowered = name.lower()
+            if lowered == b"transfer-encoding" and value.lower() != b"chunked":
+                self.refuse(400)
+                return False
+            if lowered == b"content-length" and len(value) > 18:
+                self.refuse(400)
+                return False
+        ok: bool = super().headerReceived(line)
+        return ok
+
+    def allHeadersReceived(self) -> None:
+        self._stop_deadline()
+        super().allHeadersReceived()
+        if self._refused:
+            return
+        if self.length != 0:
+            self._start_deadline(self.site.limits.client_body_timeout)
+
+    def allContentReceived(self) -> None:
+        self._stop_deadline()
+        super().allContentReceived()
+
+    def checkPersistence(self, request: Any, version: bytes) -> bool:
+        """
+        Keep the connection open after this request? twisted.web splits the
+        Connection header on spaces, so C{Connection: close, X-Foo} would
+        not close; its tokens are comma-separated (RFC 9110 section 7.6.1).
+        """
+        tokens = connection_tokens(request.requestHeaders.getRawHeaders(b"Connection"))
+        if version == b"HTTP/1.1" and b"close" not in tokens:
+            return True
+        if version == b"HTTP/1.1":
+            request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+        return False
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.refuse(414 if self._receivedHeaderSize == 0 else 431)
@@ -284,10 +372,24 @@ class BalancerChannel(http.HTTPChannel):
         self.refuse(400)
 
     def _send100Continue(self) -> None:
-        if not self._refused:
+        """
+        Ask the balancer whether it will take the request before inviting
+        the body: a refusal is answered now, and the body never read.
+        """
+        if self._refused:
+            return
+        request = self.requests[-1]
+        assert isinstance(request, BalancerRequest)
+        request.method, request.uri = self._command, self._path
+        request.clientproto = self._version
+        verdict = self.site.resource.admit(request, self._command, self._path)
+        status = getattr(verdict, "status", None)
+        if status is None:
             super()._send100Continue()
+        else:
+            self.refuse(status, getattr(verdict, "headers", {}))
 
-    def refuse(self, status: int) -> None:
+    def refuse(self, status: int, headers: dict[bytes, bytes] | None = None) -> None:
         """
         Answer a request that cannot be read (or may not be) and close: the
         rest of what the client sends is ignored.
@@ -295,6 +397,7 @@ class BalancerChannel(http.HTTPChannel):
         if self._refused:
             return
         self._refused = True
+        self._stop_deadline()
         request = self.requests[-1] if self.requests else None
         if isinstance(request, BalancerRequest):
             request.refused = True
@@ -306,7 +409,7 @@ class BalancerChannel(http.HTTPChannel):
             request.log_access()
         else:
             self.site.access_log.log_refusal(self.getPeer(), status)
-        self.write(errors.raw_response(status))
+        self.write(errors.raw_response(status, headers))
         self._linger()
 
     def _linger(self) -> None:
@@ -327,6 +430,7 @@ class BalancerChannel(http.HTTPChannel):
         self._lingering = self.callLater(self.LINGER, transport.abortConnection)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._stop_deadline()
         if self._lingering is not None and self._lingering.active():
             self._lingering.cancel()
         super().connectionLost(reason)

@@ -67,15 +67,39 @@ class QuietClientFactory(_HTTP11ClientFactory):
     noisy = False
 
 
+# A backend's response head (status line and header fields) larger than this
+# is an invalid response (502): twisted.web's client would read any number.
+MAX_RESPONSE_HEAD = 64 * 1024
+
+
+class ResponseHeadTooLarge(Exception):
+    """
+    The backend's response head passed L{MAX_RESPONSE_HEAD}.
+    """
+
+
 class _ClientProtocol(HTTP11ClientProtocol):
     """
-    Twisted's client protocol, keeping the response's connection headers.
+    Twisted's client protocol, keeping the response's connection headers
+    and bounding the size of its head.
     """
 
     def request(self, request: Request) -> Deferred[IResponse]:
         d = super().request(request)
         parser = self._parser
         if parser is not None:
+            parser.MAX_LENGTH = MAX_RESPONSE_HEAD
+            read = parser.lineReceived
+            size = 0
+
+            def bounded(line: bytes) -> None:
+                nonlocal size
+                size += len(line) + 2
+                if size > MAX_RESPONSE_HEAD:
+                    raise ResponseHeadTooLarge(f"over {MAX_RESPONSE_HEAD} bytes")
+                read(line)
+
+            parser.lineReceived = bounded  # type: ignore[method-assign]
 
             def keep(response: IResponse) -> IResponse:
                 response.l7lbConnectionHeaders = parser.connHeaders  # type: ignore[attr-defined]

@@ -253,8 +253,8 @@ class SlowStartTests(SynchronousTestCase):
         clock = Clock()
         backend = self.backend(clock)
         self.assertEqual(backend.current_weight(), 4)  # in rotation from the start
-        backend.leave_rotation()
-        backend.return_to_rotation()
+        backend.set_healthy(False)
+        backend.set_healthy(True)
         self.assertAlmostEqual(backend.current_weight(), 4 * SLOW_START_FLOOR)
         clock.advance(15)
         self.assertAlmostEqual(backend.current_weight(), 2.0)
@@ -271,8 +271,8 @@ class SlowStartTests(SynchronousTestCase):
             PowerOfTwoChoices(random.Random(2)),
         ):
             pool = [self.backend(clock, 1), self.backend(clock, 1)]
-            pool[1].leave_rotation()
-            pool[1].return_to_rotation()
+            pool[1].set_healthy(False)
+            pool[1].set_healthy(True)
             clock.advance(3)  # 10% into the ramp
             chosen = []
             for _ in range(1000):

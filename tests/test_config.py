@@ -72,6 +72,24 @@ class LoadTests(ConfigFileMixin, SynchronousTestCase):
         )
         self.assertIsNone(pool.health)
         self.assertEqual((pool.connect_timeout, pool.response_timeout), (3.0, 30.0))
+        self.assertEqual(
+            (pool.max_fails, pool.fail_timeout, pool.fail_on_5xx, pool.retries),
+            (3, 10.0, False, 1),
+        )
+        self.assertEqual(
+            (
+                pool.max_connections,
+                pool.max_queue,
+                pool.retry_budget,
+                pool.idle_timeout,
+            ),
+            (0, 0, 0.2, 60.0),
+        )
+        lb = config.lb
+        self.assertEqual(
+            (lb.client_header_timeout, lb.client_body_timeout, lb.max_headers),
+            (10.0, 120.0, 100),
+        )
         route = config.routes[0]
         self.assertEqual(
             (route.name, route.pool, route.path_prefix), ("all", "a", None)
@@ -551,3 +569,64 @@ class PolicyKeyTests(ConfigFileMixin, SynchronousTestCase):
             MINIMAL + "rate_limit = 1/s\nrate_limit_key = cookie:x\n"
         )
         self.assertIn("expected global, client_ip or header:NAME", problems[0])
+
+
+class ResilienceKeyTests(ConfigFileMixin, SynchronousTestCase):
+    def test_keys(self):
+        config = self.load_text(
+            MINIMAL.replace(
+                "[lb]\n",
+                "[lb]\nclient_header_timeout = 2s\nclient_body_timeout = 30s\nmax_connections = 1000\nmax_connections_per_ip = 20\nmax_headers = 50\n",
+            ).replace(
+                "servers = http://127.0.0.1:8081",
+                "servers = http://127.0.0.1:8081\nmax_fails = 5\nfail_timeout = 30s\nfail_on_5xx = on\n"
+                "max_connections = 100\npool_max_connections = 300\nmax_queue = 50\nqueue_timeout = 2s\n"
+                "retries = 3\nretry_budget = 10%\nidle_timeout = 15s\n",
+            )
+        )
+        pool, lb = config.pool("a"), config.lb
+        self.assertEqual(
+            (
+                pool.max_fails,
+                pool.fail_timeout,
+                pool.fail_on_5xx,
+                pool.max_connections,
+                pool.pool_max_connections,
+            ),
+            (5, 30.0, True, 100, 300),
+        )
+        self.assertEqual(
+            (
+                pool.max_queue,
+                pool.queue_timeout,
+                pool.retries,
+                pool.retry_budget,
+                pool.idle_timeout,
+            ),
+            (50, 2.0, 3, 0.1, 15.0),
+        )
+        self.assertEqual(
+            (
+                lb.client_header_timeout,
+                lb.client_body_timeout,
+                lb.max_connections,
+                lb.max_connections_per_ip,
+                lb.max_headers,
+            ),
+            (2.0, 30.0, 1000, 20, 50),
+        )
+
+    def test_mistakes(self):
+        for extra, message in [
+            ("retry_budget = 20\n", "expected a percentage like 20%"),
+            ("retries = 11\n", "expected a number from 0 to 10"),
+            ("max_queue = -1\n", "expected a whole number"),
+        ]:
+            problems = self.problems(
+                MINIMAL.replace(
+                    "servers = http://127.0.0.1:8081",
+                    "servers = http://127.0.0.1:8081\n" + extra,
+                )
+            )
+            self.assertEqual(len(problems), 1, problems)
+            self.assertIn(message, problems[0])

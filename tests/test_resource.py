@@ -6,89 +6,22 @@ Clock.
 
 from __future__ import annotations
 
-from treq.testing import RequestTraversalAgent
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
 
 from l7lb.accesslog import AccessLog
 from l7lb.balancing import balancer_for
-from l7lb.config import LBConfig, PoolConfig, RouteConfig, ServerConfig
+from l7lb.config import LBConfig, PoolConfig, RouteConfig
 from l7lb.pool import Backend, Pool
 from l7lb.proxy import Forwarder
 from l7lb.resource import BalancerResource
 from l7lb.routing import RouteMap
 from l7lb.site import BalancerSite
 from l7lb.trust import TrustedProxies
-
-
-class InMemoryUpstream:
-    """
-    The in-memory twin of L{l7lb.upstream.Upstream}: requests are served by
-    a twisted.web resource through treq's RequestTraversalAgent.
-    """
-
-    def __init__(self, resource: Resource) -> None:
-        self.agent = RequestTraversalAgent(resource)
-        self.calls = 0
-
-    def request(self, method, target, headers, body):
-        self.calls += 1
-        return self.agent.request(method, b"http://backend" + target, headers, body)
-
-    def close(self):
-        return succeed(None)
-
-
-class Refusing:
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def request(self, method, target, headers, body):
-        self.calls += 1
-        return fail(ConnectionRefusedError())
-
-    def close(self):
-        return succeed(None)
-
-
-class Hanging:
-    def __init__(self) -> None:
-        self.pending: list[Deferred] = []
-        self.cancelled = 0
-
-    def request(self, method, target, headers, body):
-        d: Deferred = Deferred(lambda _: setattr(self, "cancelled", self.cancelled + 1))
-        self.pending.append(d)
-        return d
-
-    def close(self):
-        return succeed(None)
-
-
-class Hello(Resource):
-    isLeaf = True
-
-    def __init__(self, name: bytes) -> None:
-        super().__init__()
-        self.name = name
-        self.held: list = []
-
-    def render(self, request):
-        if request.path == b"/hold":
-            self.held.append(request)
-            return NOT_DONE_YET
-        request.setHeader(b"X-Seen-Host", request.getHeader(b"host") or b"-")
-        return b"hello from " + self.name + b" " + request.uri
-
-
-def server(name: str) -> ServerConfig:
-    return ServerConfig(f"http://{name}:80", "http", name, 80)
+from tests.twins import Hanging, Hello, InMemoryUpstream, Refusing, server
 
 
 class ForwardingTests(SynchronousTestCase):
