@@ -5,11 +5,15 @@ each with ``wrk -t1`` at every requested connection count. Proxies run pinned
 to one core, wrk and the backends to another, so that the numbers say how
 much one core of proxy buys. The ``-tls`` targets are l7lb, NGINX and HAProxy
 terminating TLS (a self-signed certificate made for the run) in front of the
-same plain-HTTP backends. Standard library only: it runs with the system
-``python3`` and uses the venv only to start l7lb and the Twisted baseline.
+same plain-HTTP backends. The policy targets (``l7lb-ratelimit``,
+``l7lb-sticky``, ``l7lb-sticky-pinned``, ``l7lb-hash``) are l7lb with one
+traffic-policy feature switched on, compared with the plain ``l7lb`` row.
+Standard library only: it runs with the system ``python3`` and uses the venv
+only to start l7lb and the Twisted baseline.
 
     python3 bench/run.py [--duration 10] [--connections 50,200]
-                         [--only l7lb,direct,...] [--no-tls] [--workers N]
+                         [--only l7lb,direct,...] [--no-tls] [--no-policy]
+                         [--workers N]
 
 See bench/README.md for how to read the tables.
 """
@@ -34,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any, NamedTuple
@@ -48,6 +52,10 @@ TLS_SUFFIX = "-tls"
 TARGETS = (
     "direct",
     "l7lb",
+    "l7lb-ratelimit",
+    "l7lb-sticky",
+    "l7lb-sticky-pinned",
+    "l7lb-hash",
     "twisted-proxy",
     "nginx",
     "haproxy",
@@ -81,6 +89,61 @@ TLS_SUMMARY = (
     "OpenSSL's defaults, ALPN h2 and http/1.1 offered (wrk sends no ALPN: "
     "HTTP/1.1), plain HTTP to the backends"
 )
+
+
+# The policy rows: l7lb with one traffic-policy feature on, against plain l7lb
+# (round robin, no limit, no cookie) in the same run.
+STICKY_COOKIE = "SRV"
+RATE_LIMIT = 1_000_000  # per second, and the burst: far above any offered load
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """What a policy row adds to the l7lb configuration, and how to check it.
+
+    ``pool`` and ``route`` are lines appended to ``[pool:bench]`` and
+    ``[route:all]``. Every check answer must carry ``header``; with ``pin``,
+    wrk sends the sticky cookie a first request was given, and answers to
+    requests carrying it must set no new cookie (the pinned path).
+    """
+
+    pool: tuple[str, ...] = ()
+    route: tuple[str, ...] = ()
+    header: str = ""
+    pin: bool = False
+    note: str = ""
+
+    @property
+    def description(self) -> str:
+        """The configuration lines and the note, for the row's note line."""
+        return "; ".join([*self.pool, *self.route, *([self.note] if self.note else [])])
+
+
+POLICIES = {
+    "l7lb-ratelimit": Policy(
+        route=(
+            f"rate_limit = {RATE_LIMIT}/s",
+            f"burst = {RATE_LIMIT}",
+            "rate_limit_key = client_ip",
+        ),
+        header="RateLimit",
+        note="one bucket (every request is from 127.0.0.1), never empty",
+    ),
+    "l7lb-sticky": Policy(
+        pool=(f"sticky = cookie {STICKY_COOKIE}",),
+        header="Set-Cookie",
+        note="wrk sends no cookie: every response sets one",
+    ),
+    "l7lb-sticky-pinned": Policy(
+        pool=(f"sticky = cookie {STICKY_COOKIE}",),
+        pin=True,
+        note="wrk sends a valid cookie: every request pinned to one backend",
+    ),
+    "l7lb-hash": Policy(
+        pool=("balance = hash", "hash_key = client_ip"),
+        note="one key (127.0.0.1): every request to the same backend",
+    ),
+}
 
 
 class UnavailableError(Exception):
@@ -226,12 +289,25 @@ def client_tls_context() -> ssl.SSLContext:
     return context
 
 
-def check_answers(port: int, exact_body: bool, tls: bool = False) -> str:
+class Answers(NamedTuple):
+    """What the check requests got: the TLS protocol and cipher, and the headers."""
+
+    negotiated: str
+    headers: list[http.client.HTTPMessage]
+
+
+def check_answers(
+    port: int,
+    exact_body: bool,
+    tls: bool = False,
+    headers: Mapping[str, str] | None = None,
+) -> Answers:
     """A few GETs must come back 200 with the backend's body before measuring.
 
     Several requests on one connection, so both backends and keep-alive are
     exercised; a target that answers 502 is reported, not benchmarked. Over
-    TLS, returns the protocol and cipher that were negotiated.
+    TLS, the protocol and cipher that were negotiated are returned too, with
+    each response's headers.
     """
     conn: http.client.HTTPConnection
     if tls:
@@ -241,11 +317,13 @@ def check_answers(port: int, exact_body: bool, tls: bool = False) -> str:
     else:
         conn = http.client.HTTPConnection(LOCALHOST, port, timeout=5)
     negotiated = ""
+    received = []
     try:
         for _ in range(4):
-            conn.request("GET", "/")
+            conn.request("GET", "/", headers=dict(headers or {}))
             response = conn.getresponse()
             body = response.read()
+            received.append(response.headers)
             if response.status != 200:
                 raise UnavailableError(
                     f"GET / answered {response.status} {body[:80]!r}"
@@ -261,7 +339,7 @@ def check_answers(port: int, exact_body: bool, tls: bool = False) -> str:
         raise UnavailableError(f"GET / failed: {e!r}") from None
     finally:
         conn.close()
-    return negotiated
+    return Answers(negotiated, received)
 
 
 # --------------------------------------------------------------------------
@@ -401,7 +479,12 @@ class WrkResult:
 
 
 def run_wrk(
-    children: Children, url: str, connections: int, seconds: float, cpus: str
+    children: Children,
+    url: str,
+    connections: int,
+    seconds: float,
+    cpus: str,
+    headers: Mapping[str, str] | None = None,
 ) -> WrkResult:
     """Run wrk to completion and read the JSON line its done() hook prints."""
     argv = [
@@ -412,8 +495,10 @@ def run_wrk(
         "--latency",
         "-s",
         str(WRK_SCRIPT),
-        url,
     ]
+    for name, value in (headers or {}).items():
+        argv += ["-H", f"{name}: {value}"]
+    argv.append(url)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     child = children.start(f"wrk-c{connections}", argv, cpus)
     try:
@@ -477,6 +562,8 @@ class Running:
     child: Child | None
     note: str = ""
     tls: bool = False
+    policy: Policy | None = None
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -674,13 +761,33 @@ def backend_urls(ctx: Context) -> list[str]:
     return [f"http://{LOCALHOST}:{port}" for port in ctx.backend.ports]
 
 
-def l7lb_config(ctx: Context, port: int, certificate: Path | None = None) -> str:
+def l7lb_config(
+    ctx: Context,
+    port: int,
+    certificate: Path | None = None,
+    policy: Policy | None = None,
+) -> str:
     """The l7lb configuration: round robin over the two backends, no access log.
 
     With a certificate, the one listener terminates TLS (and nothing is
-    served in plain HTTP).
+    served in plain HTTP). A policy adds its lines to the pool and the route
+    (its ``balance`` replaces round robin); a sticky pool gets a
+    ``secret_file`` made for the run, so that its cookies do not depend on
+    which process made them.
     """
     servers = "".join(f"\n    {url}" for url in backend_urls(ctx))
+    pool_lines = list(policy.pool) if policy else []
+    route_lines = list(policy.route) if policy else []
+    if not any(line.startswith("balance ") for line in pool_lines):
+        pool_lines.insert(0, "balance = round_robin")
+    secret = ""
+    if any(line.startswith("sticky ") for line in pool_lines):
+        path = ctx.workdir / "sticky-secret"
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(os.urandom(32).hex() + "\n")
+        secret = f"secret_file = {path}\n"
     workers = f"workers = {ctx.args.workers}\n" if ctx.args.workers != 1 else ""
     key = "listen" if certificate is None else "tls_listen"
     tls = (
@@ -693,17 +800,18 @@ min_version = TLSv1.2
 alpn = h2 http/1.1
 """
     )
+    pool = "".join(f"{line}\n" for line in pool_lines)
+    route = "".join(f"{line}\n" for line in route_lines)
     return f"""[lb]
 {key} = tcp:{port}:interface={LOCALHOST}
 access_log = off
-{workers}{tls}
+{workers}{secret}{tls}
 [pool:bench]
 servers ={servers}
-balance = round_robin
-
+{pool}
 [route:all]
 pool = bench
-"""
+{route}"""
 
 
 def check_l7lb_plugin(twistd: Path) -> None:
@@ -726,18 +834,22 @@ def check_l7lb_plugin(twistd: Path) -> None:
         )
 
 
-def start_l7lb(ctx: Context, tls: bool = False) -> Running:
-    """``twistd -n l7lb`` on a generated config, pinned to the proxy core."""
+def start_l7lb(ctx: Context, tls: bool = False, name: str = "l7lb") -> Running:
+    """``twistd -n l7lb`` on a generated config, pinned to the proxy core.
+
+    ``name`` is the target: ``l7lb``, ``l7lb-tls`` or one of the policy rows.
+    """
     twistd = Path(ctx.args.venv) / "bin" / "twistd"
     check_l7lb_plugin(twistd)
     certificate = tls_certificate(ctx) if tls else None
-    name = "l7lb-tls" if tls else "l7lb"
+    policy = POLICIES.get(name)
     port = free_port(ctx.ports)
     config = ctx.workdir / f"{name}.ini"
-    config.write_text(l7lb_config(ctx, port, certificate))
+    config.write_text(l7lb_config(ctx, port, certificate, policy))
     argv = [str(twistd), "-n", "--pidfile=", "l7lb", "--config", str(config)]
     child = ctx.children.start(name, argv, ctx.args.proxy_cpus)
-    return Running(port, child, tls=tls)
+    note = policy.description if policy else ""
+    return Running(port, child, note, tls=tls, policy=policy)
 
 
 def start_twisted_proxy(ctx: Context) -> Running:
@@ -840,10 +952,11 @@ backend bench
 STARTERS: dict[str, Callable[[Context], Running]] = {
     "direct": start_direct,
     "l7lb": start_l7lb,
+    **{name: functools.partial(start_l7lb, name=name) for name in POLICIES},
     "twisted-proxy": start_twisted_proxy,
     "nginx": start_nginx_proxy,
     "haproxy": start_haproxy,
-    "l7lb-tls": functools.partial(start_l7lb, tls=True),
+    "l7lb-tls": functools.partial(start_l7lb, tls=True, name="l7lb-tls"),
     "nginx-tls": functools.partial(start_nginx_proxy, tls=True),
     "haproxy-tls": functools.partial(start_haproxy, tls=True),
 }
@@ -856,13 +969,49 @@ def running(ctx: Context, target: str) -> Iterator[Running]:
     try:
         if started.child is not None:
             wait_for_port(started.child, started.port)
-        negotiated = check_answers(started.port, exact_body=False, tls=started.tls)
-        if negotiated:
-            started.note = f"{started.note}, {negotiated}".lstrip(", ")
+        answers = check_answers(started.port, exact_body=False, tls=started.tls)
+        if answers.negotiated:
+            started.note = f"{started.note}, {answers.negotiated}".lstrip(", ")
+        if started.policy is not None:
+            check_policy(started, started.policy, answers)
         yield started
     finally:
         if started.child is not None:
             ctx.children.stop(started.child)
+
+
+def check_policy(run: Running, policy: Policy, answers: Answers) -> None:
+    """Make sure the policy is really in force before measuring it.
+
+    Each answer must carry the policy's header (``RateLimit``, ``Set-Cookie``);
+    for a pinned row, the cookie from the first answer goes into
+    ``run.headers`` for wrk, and answers to requests carrying it must set
+    none (a refused token would quietly measure the unpinned path).
+    """
+    if policy.header:
+        for headers in answers.headers:
+            if headers.get(policy.header) is None:
+                raise UnavailableError(f"an answer without a {policy.header} header")
+    if not policy.pin:
+        return
+    cookie = sticky_cookie(answers.headers[0])
+    again = check_answers(run.port, exact_body=False, tls=run.tls, headers=cookie)
+    for headers in again.headers:
+        if headers.get("Set-Cookie") is not None:
+            raise UnavailableError(
+                f"{cookie['Cookie']} was not honoured: got {headers['Set-Cookie']!r}"
+            )
+    run.headers.update(cookie)
+
+
+def sticky_cookie(headers: http.client.HTTPMessage) -> dict[str, str]:
+    """The ``Cookie`` header that sends back the sticky cookie of a response."""
+    for value in headers.get_all("Set-Cookie") or []:
+        pair = value.split(";", 1)[0].strip()
+        name, _, token = pair.partition("=")
+        if name == STICKY_COOKIE and token:
+            return {"Cookie": pair}
+    raise UnavailableError(f"no {STICKY_COOKIE} cookie was set")
 
 
 # --------------------------------------------------------------------------
@@ -895,6 +1044,8 @@ class Row:
     l7lb_rps_ratio: float | None = None
     l7lb_cpu_ratio: float | None = None
     tls_cpu_ratio: float | None = None
+    policy_rps_ratio: float | None = None
+    policy_cpu_ratio: float | None = None
 
     @property
     def error_total(self) -> int:
@@ -927,12 +1078,16 @@ def measure(ctx: Context, target: str, run: Running, connections: int) -> Row:
     args = ctx.args
     assert ctx.backend is not None
     progress(f"{target} c={connections}: warm-up {args.warmup:g}s")
-    run_wrk(ctx.children, run.url, connections, args.warmup, args.load_cpus)
+    run_wrk(
+        ctx.children, run.url, connections, args.warmup, args.load_cpus, run.headers
+    )
     progress(f"{target} c={connections}: measuring {args.duration:g}s")
     proxy_pid = run.child.proc.pid if run.child else None
     backend_pid = ctx.backend.child.proc.pid
     before = Usage.now(proxy_pid, backend_pid)
-    wrk = run_wrk(ctx.children, run.url, connections, args.duration, args.load_cpus)
+    wrk = run_wrk(
+        ctx.children, run.url, connections, args.duration, args.load_cpus, run.headers
+    )
     after = Usage.now(proxy_pid, backend_pid)
     row = row_from(target, connections, run, wrk, before, after, args)
     if proxy_pid:
@@ -1019,13 +1174,21 @@ def is_tls(target: str) -> bool:
     return target.endswith(TLS_SUFFIX)
 
 
+def is_policy(target: str) -> bool:
+    """Whether a target is l7lb with a traffic-policy feature (``l7lb-hash``...)."""
+    return target in POLICIES
+
+
 def add_ratios(rows: list[Row]) -> None:
     """Ratios between rows measured at the same connection count.
 
     ``l7lb_*_ratio``: l7lb's req/s and CPU per request divided by the row's;
-    a ``-tls`` row is compared with ``l7lb-tls``, the others with plain l7lb.
+    a ``-tls`` row is compared with ``l7lb-tls``, the others with plain l7lb
+    (but not the policy rows, which get the inverse below).
     ``tls_cpu_ratio``: a ``-tls`` row's CPU per request divided by that of
     the same proxy in plain HTTP, what terminating TLS costs it.
+    ``policy_*_ratio``: a policy row's req/s and CPU per request divided by
+    plain l7lb's, what the feature costs.
     """
     for count in {row.connections for row in rows}:
         measured = {
@@ -1036,7 +1199,14 @@ def add_ratios(rows: list[Row]) -> None:
         for row in measured.values():
             tls = is_tls(row.target)
             l7lb = measured.get("l7lb-tls" if tls else "l7lb")
-            if l7lb is not None:
+            if l7lb is not None and is_policy(row.target):
+                if l7lb.rps and row.rps:
+                    row.policy_rps_ratio = row.rps / l7lb.rps
+                if l7lb.proxy_cpu_s_per_1k and row.proxy_cpu_s_per_1k:
+                    row.policy_cpu_ratio = (
+                        row.proxy_cpu_s_per_1k / l7lb.proxy_cpu_s_per_1k
+                    )
+            elif l7lb is not None:
                 if l7lb.rps and row.rps:
                     row.l7lb_rps_ratio = l7lb.rps / row.rps
                 if l7lb.proxy_cpu_s_per_1k and row.proxy_cpu_s_per_1k:
@@ -1065,7 +1235,11 @@ COLUMNS = (
     ("l7lb/this req/s", ">"),
     ("l7lb/this CPU", ">"),
     ("TLS/plain CPU", ">"),
+    ("policy/l7lb req/s", ">"),
+    ("policy/l7lb CPU", ">"),
 )
+# Left out of a table in which no row has a figure for them.
+OPTIONAL_COLUMNS = {"TLS/plain CPU", "policy/l7lb req/s", "policy/l7lb CPU"}
 
 
 def _num(value: float | None, spec: str) -> str:
@@ -1098,13 +1272,29 @@ def table_cells(row: Row) -> list[str]:
         _num(row.l7lb_rps_ratio, ".2f"),
         _num(row.l7lb_cpu_ratio, ".2f"),
         _num(row.tls_cpu_ratio, ".2f"),
+        _num(row.policy_rps_ratio, ".2f"),
+        _num(row.policy_cpu_ratio, ".2f"),
     ]
 
 
 def format_table(rows: Sequence[Row]) -> str:
-    """Plain aligned text; an unavailable row spans the columns after its name."""
-    header = [name for name, _ in COLUMNS]
+    """Plain aligned text; an unavailable row spans the columns after its name.
+
+    A ratio column that only some rows have (``TLS/plain CPU``, the
+    ``policy/l7lb`` pair) is left out when no row of the table has it.
+    """
     cells = [table_cells(row) for row in rows]
+    full = [line for line in cells if len(line) == len(COLUMNS)]
+    keep = [
+        i
+        for i, (name, _) in enumerate(COLUMNS)
+        if name not in OPTIONAL_COLUMNS or any(line[i] != "-" for line in full)
+    ]
+    columns = [COLUMNS[i] for i in keep]
+    header = [name for name, _ in columns]
+    cells = [
+        [line[i] for i in keep] if len(line) == len(COLUMNS) else line for line in cells
+    ]
     widths = [len(name) for name in header]
     widths[0] = max(len(line[0]) for line in [header, *cells])
     for line in cells:
@@ -1116,7 +1306,7 @@ def format_table(rows: Sequence[Row]) -> str:
             return f"{line[0]:<{widths[0]}}  {line[1]}"
         return "  ".join(
             f"{cell:{align}{width}}"
-            for cell, (_, align), width in zip(line, COLUMNS, widths, strict=True)
+            for cell, (_, align), width in zip(line, columns, widths, strict=True)
         )
 
     lines = [render(header), "  ".join("-" * w for w in widths)]
@@ -1147,6 +1337,36 @@ def limit_notes(rows: Sequence[Row]) -> list[str]:
                 "busy: wrk+backend were near their limit, so this req/s may be a "
                 "lower bound (CPU s/1k req still holds)"
             )
+    return notes
+
+
+def policy_notes(rows: Sequence[Row]) -> list[str]:
+    """What each policy feature adds to plain l7lb, in absolute terms too.
+
+    A policy row with errors is called out: with ``l7lb-ratelimit`` an
+    ``http=`` count means the limit refused requests (429), which makes its
+    figures those of a different workload.
+    """
+    l7lb = next((r for r in rows if r.target == "l7lb" and r.rps), None)
+    notes = []
+    for row in rows:
+        if not is_policy(row.target) or row.reason:
+            continue
+        if row.error_total:
+            notes.append(
+                f"warning: {row.target} had errors ({format_errors(row.errors)}); "
+                "its comparison with l7lb does not hold"
+            )
+        if l7lb is None or row.policy_cpu_ratio is None or not row.policy_rps_ratio:
+            continue
+        assert row.proxy_cpu_s_per_1k is not None
+        assert l7lb.proxy_cpu_s_per_1k is not None
+        extra = row.proxy_cpu_s_per_1k - l7lb.proxy_cpu_s_per_1k
+        notes.append(
+            f"overhead: {row.target} {extra * 1000:+.1f} CPU ms/1k req over l7lb "
+            f"({100 * (row.policy_cpu_ratio - 1):+.0f}% CPU per request, "
+            f"{100 * (row.policy_rps_ratio - 1):+.0f}% req/s)"
+        )
     return notes
 
 
@@ -1190,6 +1410,7 @@ def report(meta: dict[str, Any], rows: list[Row]) -> str:
         out += ["", f"c={count}", format_table(same)]
         notes = [row for row in same if row.note and not row.reason]
         out += [f"  {row.target}: {row.note}" for row in notes]
+        out += [f"  {note}" for note in policy_notes(same)]
         out += [f"  note: {note}" for note in limit_notes(same)]
         out += [f"  warning: {note}" for note in noise_notes(same, meta)]
     out += [
@@ -1198,7 +1419,9 @@ def report(meta: dict[str, Any], rows: list[Row]) -> str:
         "errors = wrk connect/read/write/timeout + http (status >= 400); "
         "l7lb/this > 1 means l7lb has more req/s (or uses more CPU) than that row "
         "(l7lb-tls for -tls rows); TLS/plain CPU = a -tls row's CPU s/1k req "
-        "divided by the same proxy's in plain HTTP.",
+        "divided by the same proxy's in plain HTTP; policy/l7lb = an l7lb-<policy> "
+        "row's req/s and CPU s/1k req divided by plain l7lb's (CPU > 1 is what "
+        "the feature costs).",
     ]
     return "\n".join(out)
 
@@ -1329,15 +1552,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         type=target_list,
-        default=argparse.SUPPRESS,  # all, or all without -tls under --no-tls
+        default=argparse.SUPPRESS,  # all, less what --no-tls/--no-policy leave out
         help=f"comma-separated targets to run, of {', '.join(TARGETS)} "
-        "(default: all of them, or those without -tls under --no-tls)",
+        "(default: all of them, less those --no-tls and --no-policy leave out)",
     )
     parser.add_argument(
         "--tls",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="include the -tls rows (l7lb, NGINX and HAProxy terminating TLS)",
+    )
+    parser.add_argument(
+        "--policy",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="include the l7lb policy rows "
+        f"({', '.join(POLICIES)}): rate limit, sticky cookie, hash",
     )
     parser.add_argument(
         "--workers",
@@ -1370,12 +1600,20 @@ def check_environment(
     """Refuse early, with one line, what would otherwise fail in every row."""
     if args.duration <= 0 or args.warmup <= 0:
         parser.error("--duration and --warmup must be positive")
+    if not (args.duration.is_integer() and args.warmup.is_integer()):
+        parser.error("--duration and --warmup must be whole seconds (wrk's -d)")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     if "only" not in args:
-        args.only = [t for t in TARGETS if args.tls or not is_tls(t)]
+        args.only = [
+            t
+            for t in TARGETS
+            if (args.tls or not is_tls(t)) and (args.policy or not is_policy(t))
+        ]
     elif not args.tls and any(is_tls(t) for t in args.only):
         parser.error("--no-tls contradicts the -tls targets named in --only")
+    elif not args.policy and any(is_policy(t) for t in args.only):
+        parser.error("--no-policy contradicts the policy targets named in --only")
     allowed = os.sched_getaffinity(0)
     for option in ("proxy_cpus", "load_cpus"):
         try:
