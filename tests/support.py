@@ -13,7 +13,6 @@ import http.client
 import json
 import os
 import socket
-import tempfile
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -289,7 +288,8 @@ class IntegrationTest(TestCase):
             text = (
                 "[lb]\nlisten = tcp:0:interface=127.0.0.1\naccess_log = off\n\n" + text
             )
-        directory = tempfile.mkdtemp(dir=os.getcwd())
+        directory = self.mktemp()
+        os.makedirs(directory)
         path = os.path.join(directory, "lb.ini")
         with open(path, "w") as f:
             f.write(text)
