@@ -12,13 +12,12 @@ request.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING
 
-from twisted.application.service import Service
 from twisted.internet.interfaces import IAddress, IReactorTime
-from twisted.internet.task import LoopingCall
 
 if TYPE_CHECKING:
     from l7lb.site import BalancerRequest
@@ -46,11 +45,15 @@ def _host(address: IAddress | None) -> bytes:
 class AccessLog:
     """
     Formats and buffers access-log lines; C{out=None} turns logging off.
+    C{json} writes one JSON object per line instead of the text format.
     """
 
-    def __init__(self, out: IO[bytes] | None, clock: IReactorTime) -> None:
+    def __init__(
+        self, out: IO[bytes] | None, clock: IReactorTime, json_lines: bool = False
+    ) -> None:
         self._out = out
         self._clock = clock
+        self._json = json_lines
         self._second = -1
         self._stamp = b""
 
@@ -59,16 +62,28 @@ class AccessLog:
         return self._out is not None
 
     @classmethod
-    def open(cls, destination: str | None, clock: IReactorTime) -> AccessLog:
+    def open(
+        cls, destination: str | None, clock: IReactorTime, form: str = "combined"
+    ) -> AccessLog:
         """
         C{"-"} is standard output, C{None} is off, anything else a file path
         (opened for appending).
         """
-        if destination is None:
-            return cls(None, clock)
+        access_log = cls(None, clock)
+        access_log.reopen(destination, form)
+        return access_log
+
+    def reopen(self, destination: str | None, form: str = "combined") -> None:
+        """
+        Write to C{destination} from now on (the same path again after
+        logrotate moved the file away): what is buffered goes to the old one.
+        """
+        self.close()
+        self._json = form == "json"
         if destination == "-":
-            return cls(sys.stdout.buffer, clock)
-        return cls(open(destination, "ab"), clock)
+            self._out = sys.stdout.buffer
+        elif destination is not None:
+            self._out = open(destination, "ab")  # noqa: SIM115
 
     def _timestamp(self, now: float) -> bytes:
         second = int(now)
@@ -83,6 +98,9 @@ class AccessLog:
         if self._out is None:
             return
         now = self._clock.seconds()
+        if self._json:
+            self._out.write(self._json_line(request, now))
+            return
         line = b'%s %s "%s %s %s" %d %d %.3f route=%s backend=%s id=%s' % (
             self._timestamp(now),
             request.client_address.encode("ascii", "replace"),
@@ -100,6 +118,25 @@ class AccessLog:
             line += b' end="%s"' % request.note.encode()
         self._out.write(line + b"\n")
 
+    def _json_line(self, request: BalancerRequest, now: float) -> bytes:
+        record = {
+            "time": self._timestamp(now).decode(),
+            "client": request.client_address,
+            "method": _text(request.method),
+            "target": _text(request.uri),
+            "protocol": _text(request.clientproto),
+            "status": request.code,
+            "bytes": request.sentLength,
+            "duration": round(max(0.0, now - request.started), 6),
+            "route": request.route_name,
+            "pool": request.pool_name,
+            "backend": request.backend_address,
+            "request_id": request.request_id.decode("latin-1"),
+        }
+        if request.note:
+            record["end"] = request.note
+        return json.dumps(record, separators=(",", ":")).encode() + b"\n"
+
     def log_refusal(self, peer: IAddress | None, status: int) -> None:
         """
         A request refused before it could be read (its line was too long).
@@ -107,6 +144,15 @@ class AccessLog:
         if self._out is None:
             return
         now = self._clock.seconds()
+        if self._json:
+            record = {
+                "time": self._timestamp(now).decode(),
+                "client": _host(peer).decode(),
+                "status": status,
+                "end": "refused",
+            }
+            self._out.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
+            return
         self._out.write(
             b'%s %s "- - -" %d 0 0.000 route=- backend=- id=- end="refused"\n'
             % (self._timestamp(now), _host(peer), status)
@@ -124,23 +170,9 @@ class AccessLog:
             self._out = None
 
 
-class AccessLogService(Service):
-    """
-    Flushes the access log every second while l7lb runs, and at the end.
-    """
-
-    def __init__(self, access_log: AccessLog, clock: IReactorTime) -> None:
-        self.access_log = access_log
-        self._flusher = LoopingCall(access_log.flush)
-        self._flusher.clock = clock
-
-    def startService(self) -> None:
-        super().startService()
-        if self.access_log.enabled:
-            self._flusher.start(1.0, now=False)
-
-    def stopService(self) -> Any:
-        super().stopService()
-        if self._flusher.running:
-            self._flusher.stop()
-        self.access_log.close()
+def _text(value: bytes | str | None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    return value.decode("latin-1")

@@ -14,7 +14,7 @@ import ipaddress
 import math
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -194,6 +194,20 @@ class LBConfig:
     max_connections: int = 0
     max_connections_per_ip: int = 0
     max_headers: int = 100
+    drain_timeout: float = 30.0
+    access_log_format: str = "combined"
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """
+    The C{[admin]} section: the admin API's listener, its bearer token and
+    where runtime changes are kept.
+    """
+
+    listen: str
+    token_file: str | None = None
+    state_file: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +224,7 @@ class Config:
     tls: TLSConfig | None = None
     notices: tuple[str, ...] = field(default=())
     ratelimit_max_keys: int = 100_000
+    admin: AdminConfig | None = None
 
     def pool(self, name: str) -> PoolConfig:
         for pool in self.pools:
@@ -218,12 +233,37 @@ class Config:
         raise KeyError(name)
 
 
-def load(path: str) -> Config:
+Sections = dict[str, dict[str, str]]
+
+
+def load(
+    path: str, overlay: Sections | None = None, removed: Sequence[str] = ()
+) -> Config:
     """
-    Read and validate the file at C{path}.
+    Read and validate the file at C{path}, with runtime changes on top:
+    C{overlay} sections replace (or add to) the file's, C{removed} sections
+    are left out.
 
     @raise ConfigError: with every problem found.
     """
+    parser = read_sections(path, overlay, removed)
+    return _Reader(path, parser).read()
+
+
+def effective_sections(
+    path: str, overlay: Sections | None = None, removed: Sequence[str] = ()
+) -> Sections:
+    """
+    The configuration's sections and values as text, runtime changes
+    applied (what the admin API shows and edits).
+    """
+    parser = read_sections(path, overlay, removed)
+    return {name: dict(parser.items(name)) for name in parser.sections()}
+
+
+def read_sections(
+    path: str, overlay: Sections | None = None, removed: Sequence[str] = ()
+) -> configparser.ConfigParser:
     parser = configparser.ConfigParser(
         interpolation=None,
         comment_prefixes=("#", ";"),
@@ -241,7 +281,14 @@ def load(path: str) -> Config:
     except configparser.Error as e:
         message = " ".join(str(e).split())
         raise ConfigError([f"{path}: {message}"]) from None
-    return _Reader(path, parser).read()
+    for name in removed:
+        parser.remove_section(name)
+    for name, values in (overlay or {}).items():
+        parser.remove_section(name)
+        parser.add_section(name)
+        for key, value in values.items():
+            parser.set(name, key, value)
+    return parser
 
 
 _KNOWN_POOL_KEYS = frozenset(
@@ -309,8 +356,11 @@ _KNOWN_LB_KEYS = frozenset(
         "max_connections",
         "max_connections_per_ip",
         "max_headers",
+        "drain_timeout",
+        "access_log_format",
     }
 )
+_KNOWN_ADMIN_KEYS = frozenset({"listen", "token_file", "state_file"})
 _KNOWN_RATELIMIT_KEYS = frozenset({"rate_limit", "burst", "rate_limit_key", "max_keys"})
 _KNOWN_TLS_KEYS = frozenset({"certificates", "min_version", "alpn"})
 
@@ -371,6 +421,7 @@ class _Reader:
         pools: list[PoolConfig] = []
         routes: list[RouteConfig] = []
         max_keys = 100_000
+        admin = None
         if self.parser.has_section("ratelimit"):
             self.unknown_keys("ratelimit", _KNOWN_RATELIMIT_KEYS)
             self.default_limit = self.read_rate_limit("ratelimit", None)
@@ -388,6 +439,8 @@ class _Reader:
                 tls = self.read_tls(section)
             elif section == "ratelimit":
                 pass
+            elif section == "admin":
+                admin = self.read_admin(section)
             elif kind == "pool" and name:
                 pools.append(self.read_pool(section, name))
             elif kind == "route" and name:
@@ -397,7 +450,7 @@ class _Reader:
                     section,
                     None,
                     "unknown section (expected [lb], [tls], [ratelimit], "
-                    "[pool:NAME] or [route:NAME])",
+                    "[admin], [pool:NAME] or [route:NAME])",
                 )
         if not self.parser.has_section("lb"):
             self.problems.append(f"{self.path}: [lb]: missing section")
@@ -412,6 +465,7 @@ class _Reader:
             tls=tls,
             notices=tuple(self.notices),
             ratelimit_max_keys=max_keys,
+            admin=admin,
         )
 
     def unknown_keys(self, section: str, known: frozenset[str]) -> None:
@@ -465,7 +519,56 @@ class _Reader:
                 section, "max_connections_per_ip", _count(0, 10_000_000), 0
             ),
             max_headers=self.value(section, "max_headers", _count(1, 10_000), 100),
+            drain_timeout=self.value(
+                section, "drain_timeout", _positive_duration, 30.0
+            ),
+            access_log_format=self.value(
+                section, "access_log_format", _one_of("combined", "json"), "combined"
+            ),
         )
+
+    def read_admin(self, section: str) -> AdminConfig | None:
+        self.unknown_keys(section, _KNOWN_ADMIN_KEYS)
+        listen = self.value(section, "listen", self.endpoints, None)
+        token_file = self.value(section, "token_file", self.token_file, None)
+        state_file = self.value(section, "state_file", self.state_file, None)
+        if listen is None:
+            if not self.parser.has_option(section, "listen"):
+                self.problem(
+                    section, "listen", "missing: the admin API needs an endpoint"
+                )
+            return None
+        if len(listen) != 1:
+            self.problem(section, "listen", "expected one endpoint")
+            return None
+        if token_file is None and not _loopback_only(listen[0]):
+            self.problem(
+                section,
+                "listen",
+                "without token_file the admin API may only listen on loopback "
+                "(interface=127.0.0.1 or ::1) or a unix socket",
+            )
+        return AdminConfig(listen[0], token_file, state_file)
+
+    def token_file(self, text: str) -> str:
+        path = self.relative(text.strip())
+        try:
+            with open(path, "rb") as f:
+                token = f.read().strip()
+        except OSError as e:
+            raise ValueError(f"cannot read {path}: {e.strerror}") from None
+        if len(token) < 16:
+            raise ValueError(
+                f"{path} holds {len(token)} bytes; a token needs 16 or more"
+            )
+        return path
+
+    def state_file(self, text: str) -> str:
+        path = self.relative(text.strip())
+        directory = os.path.dirname(path)
+        if not (os.path.isdir(directory) and os.access(directory, os.W_OK)):
+            raise ValueError(f"cannot write into {directory}")
+        return path
 
     def endpoints(self, text: str) -> list[str]:
         descriptions = units.parse_list(text)
@@ -1013,6 +1116,23 @@ def _quota(count: float, period: float) -> tuple[int, int]:
         if abs(count * scale - round(count * scale)) < 1e-9:
             return round(count * scale), round(period * scale)
     return max(1, round(count)), round(period)
+
+
+def _loopback_only(description: str) -> bool:
+    """
+    Whether an endpoint is reachable from this machine only.
+    """
+    kind, _, rest = description.partition(":")
+    if kind == "unix":
+        return True
+    for option in re.split(r"(?<!\\):", rest):
+        name, _, value = option.partition("=")
+        if name == "interface":
+            try:
+                return ipaddress.ip_address(value.replace("\\:", ":")).is_loopback
+            except ValueError:
+                return False
+    return False
 
 
 def _check_endpoint(description: str) -> None:

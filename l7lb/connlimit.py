@@ -1,100 +1,99 @@
-# -*- test-case-name: tests.test_resilience -*-
+# -*- test-case-name: tests.test_clients -*-
 """
-Caps on client connections: per listener (C{[lb] max_connections}) and per
-client address across all listeners (C{max_connections_per_ip}). A
-connection past a cap is closed as soon as it is accepted; established
-connections are not disturbed.
+Client connections as the balancer counts them: open per listener and per
+client address, for the caps C{[lb] max_connections} and
+C{max_connections_per_ip} (a connection past a cap is closed as soon as it
+is accepted; established ones are not disturbed), and for draining at
+shutdown.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from twisted.internet.interfaces import IAddress, IProtocolFactory, IReactorTime
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
-from twisted.python.failure import Failure
+
+from l7lb.config import LBConfig
+
+if TYPE_CHECKING:
+    from l7lb.metrics import Metrics
 
 
 class ConnectionCounts:
     """
-    Open connections per client address, shared by every listener.
+    Open client connections of one listener's site; the per-address counts
+    are shared by every listener (C{by_address}).
     """
 
-    def __init__(self, per_ip: int) -> None:
-        self.per_ip = per_ip
-        self.by_address: Counter[str] = Counter()
-
-
-class _Counted(ProtocolWrapper):
-    factory: ConnectionLimitFactory
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        self.factory.closed(self.host)
-        super().connectionLost(reason)
-
-
-class ConnectionLimitFactory(WrappingFactory):
-    """
-    Wraps a listener's factory; refuses connections past the caps.
-    """
-
-    protocol = _Counted
-    noisy = False
     log = Logger()
 
     def __init__(
-        self,
-        wrapped: IProtocolFactory,
-        maximum: int,
-        counts: ConnectionCounts,
-        clock: IReactorTime,
+        self, metrics: Metrics, by_address: Counter[str] | None = None
     ) -> None:
-        super().__init__(wrapped)
-        self.maximum = maximum
-        self.counts = counts
-        self.clock = clock
-        self.open = 0
+        self.metrics = metrics
+        self.by_address: Counter[str] = Counter() if by_address is None else by_address
+        self.open: set[Any] = set()
         self.refused = 0
-        self._last_warning = -60.0
+        self._warned = False
+        self._drained: list[Deferred[None]] = []
 
-    def buildProtocol(self, addr: IAddress | None) -> Any:
+    def admits(self, addr: IAddress | None, limits: LBConfig) -> bool:
         host: str = getattr(addr, "host", "") or ""
-        counts = self.counts
-        if (self.maximum and self.open >= self.maximum) or (
-            counts.per_ip and host and counts.by_address[host] >= counts.per_ip
-        ):
-            self.refused += 1
-            self._warn(host)
-            return None  # the reactor closes the connection at once
-        protocol: Any = super().buildProtocol(addr)
-        if protocol is None:
-            return None
-        protocol.host = host
-        self.open += 1
-        if host:
-            counts.by_address[host] += 1
-        return protocol
+        if limits.max_connections and len(self.open) >= limits.max_connections:
+            return self._refuse(host, "this listener's")
+        per_ip = limits.max_connections_per_ip
+        if per_ip and host and self.by_address[host] >= per_ip:
+            return self._refuse(host, "this address's")
+        return True
 
-    def closed(self, host: str) -> None:
-        self.open -= 1
-        if host:
-            counts = self.counts.by_address
-            counts[host] -= 1
-            if counts[host] <= 0:
-                del counts[host]
-
-    def _warn(self, host: str) -> None:
-        """
-        At most one line a minute, however many connections are refused.
-        """
-        now = self.clock.seconds()
-        if now - self._last_warning >= 60:
-            self._last_warning = now
+    def _refuse(self, host: str, whose: str) -> bool:
+        self.refused += 1
+        if not self._warned:
+            # Once per listener: a flood must not flood the log too.
+            self._warned = True
             self.log.warn(
-                "connection from {host} refused: connection cap reached "
-                "({refused} refused so far)",
+                "connection from {host} refused: {whose} connection cap is reached "
+                "(later refusals are counted, not logged)",
                 host=host,
-                refused=self.refused,
+                whose=whose,
             )
+        return False
+
+    def opened(self, connection: Any) -> None:
+        self.open.add(connection)
+        if connection.host:
+            self.by_address[connection.host] += 1
+        self.metrics.connections_open += 1
+        self.metrics.connections_total += 1
+
+    def closed(self, connection: Any) -> None:
+        if connection not in self.open:
+            return
+        self.open.discard(connection)
+        host = connection.host
+        if host:
+            self.by_address[host] -= 1
+            if self.by_address[host] <= 0:
+                del self.by_address[host]
+        self.metrics.connections_open -= 1
+
+    def close_all_when_done(self) -> None:
+        for connection in list(self.open):
+            connection.close_when_done()
+
+    def abort_all(self) -> None:
+        for connection in list(self.open):
+            connection.transport.abortConnection()
+
+    def when_drained(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self._drained.append(d)
+        return d
+
+    def drained(self) -> None:
+        waiting, self._drained = self._drained, []
+        for d in waiting:
+            d.callback(None)

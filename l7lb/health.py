@@ -10,8 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol as TwistedProtocol
@@ -23,7 +22,7 @@ from twisted.web.iweb import IResponse
 
 from l7lb.config import HealthCheckConfig
 from l7lb.errors import describe_failure
-from l7lb.pool import Backend, Pool
+from l7lb.pool import Backend
 from l7lb.units import format_duration
 
 
@@ -201,8 +200,12 @@ class HealthChecker:
         self.backend = backend
         self.probe = probe
         self.check = check
-        self.state = RiseFall(check.rise, check.fall, up=backend.in_rotation)
+        self.state = RiseFall(check.rise, check.fall, up=backend.healthy)
         self.last: ProbeResult | None = None
+        # When and why the state last changed, for the admin API.
+        self.changed: tuple[float, str] | None = None
+        self.clock = clock
+        self.on_result: Callable[[ProbeResult], None] | None = None
         self._loop = LoopingCall(self.run_check)
         self._loop.clock = clock
 
@@ -218,13 +221,16 @@ class HealthChecker:
 
     def _record(self, result: ProbeResult) -> None:
         self.last = result
+        if self.on_result is not None:
+            self.on_result(result)
         change = self.state.record(result.ok)
         if change is None:
             return
+        self.changed = (self.clock.seconds(), result.reason)
         self.backend.set_healthy(change)
         if change:
             self.log.info(
-                "backend {backend} of pool {pool} is back in rotation after "
+                "backend {backend} of pool {pool} is healthy again after "
                 "{count} passed checks ({reason})",
                 backend=self.backend.address,
                 pool=self.pool,
@@ -242,44 +248,3 @@ class HealthChecker:
                 reason=result.reason,
                 in_rotation=False,
             )
-
-
-class HealthService(Service):
-    """
-    Runs the checkers of every pool that has health checks while l7lb runs.
-    """
-
-    def __init__(self, checkers: list[HealthChecker], closers: list[Any]) -> None:
-        self.checkers = checkers
-        self._closers = closers
-
-    def startService(self) -> None:
-        super().startService()
-        for checker in self.checkers:
-            checker.start()
-
-    def stopService(self) -> Deferred[Any]:
-        super().stopService()
-        for checker in self.checkers:
-            checker.stop()
-        return DeferredList([close() for close in self._closers])
-
-
-def checkers_for(
-    pools: list[Pool],
-    client_for: Callable[[Pool, Backend, HealthCheckConfig], _HTTPClient],
-    clock: IReactorTime,
-) -> list[HealthChecker]:
-    """
-    A checker for every backend of every pool that asks for checks.
-    """
-    checkers = []
-    for pool in pools:
-        check = pool.config.health
-        if check is None:
-            continue
-        for backend in pool.backends:
-            url = f"{backend.config.scheme}://{backend.address}{check.path}"
-            probe = HTTPProbe(client_for(pool, backend, check), url, check, clock)
-            checkers.append(HealthChecker(pool.name, backend, probe, check, clock))
-    return checkers

@@ -44,6 +44,7 @@ class PassiveHealth:
         self.clock = clock
         self.failures = 0
         self.ejections = 0
+        self.total_ejections = 0
         self.last_ejection = -MAX_EJECTION
         self._return: IDelayedCall | None = None
 
@@ -60,6 +61,7 @@ class PassiveHealth:
     def _eject(self, reason: str) -> None:
         duration = min(self.fail_timeout * 2**self.ejections, MAX_EJECTION)
         self.ejections += 1
+        self.total_ejections += 1
         self.failures = 0
         self.last_ejection = self.clock.seconds()
         self.backend.set_ejected(True)

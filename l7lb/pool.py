@@ -60,8 +60,10 @@ class Backend:
         "healthy",
         "in_rotation",
         "inflight",
+        "last_latency",
         "max_inflight",
         "passive",
+        "retired",
         "slow_start",
         "weight",
     )
@@ -83,8 +85,10 @@ class Backend:
         self.draining = False
         self.in_rotation = True
         self.inflight = 0
+        self.last_latency: float | None = None
         self.max_inflight = max_inflight or UNLIMITED
         self.passive: PassiveHealth | None = None
+        self.retired = False
         self.slow_start = slow_start
         self._clock: IReactorTime | _NoClock = clock or _NoClock()
         self._ramp_until = 0.0
@@ -169,24 +173,30 @@ class Pool:
         clock: IReactorTime | None = None,
     ) -> None:
         self.config = config
-        self.name = config.name
         self.backends = list(backends)
         self.balancer = balancer
+        self.token_of: dict[Backend, bytes] = {}
+        self._by_token: dict[bytes, Backend] = {}
         self.clock: IReactorTime | _NoClock = clock or _NoClock()
         self.inflight = 0
-        self.max_inflight = config.pool_max_connections or UNLIMITED
         self.queue: deque[Waiter] = deque()
         self.retries_inflight = 0
         self.retried = 0
         self.queued = 0
         self.shed = 0
+        self._configure(config, secret)
+
+    def _configure(self, config: PoolConfig, secret: bytes) -> None:
+        self.config = config
+        self.name = config.name
+        self.max_inflight = config.pool_max_connections or UNLIMITED
+        self.hashes = config.balance == "hash"
         self.sticky_cookie = (
             config.sticky_cookie.encode("ascii") if config.sticky_cookie else None
         )
-        self.hashes = config.balance == "hash"
         self._secret = secret
-        self.token_of: dict[Backend, bytes] = {}
-        self._by_token: dict[bytes, Backend] = {}
+        self.token_of = {}
+        self._by_token = {}
         if self.sticky_cookie is not None:
             for backend in self.backends:
                 self._remember(backend)
@@ -195,6 +205,22 @@ class Pool:
         self.retry_after = (
             b"%d" % max(1, math.ceil(health.interval * health.rise)) if health else b"1"
         )
+
+    def reconfigure(
+        self,
+        config: PoolConfig,
+        backends: Sequence[Backend],
+        secret: bytes,
+        balancer: Balancer | None = None,
+    ) -> None:
+        """
+        Take a new configuration in place: counters, the queue and requests
+        in flight carry on; the strategy too, unless a new one is given.
+        """
+        if balancer is not None:
+            self.balancer = balancer
+        self.backends = list(backends)
+        self._configure(config, secret)
 
     def _remember(self, backend: Backend) -> None:
         """
@@ -227,6 +253,8 @@ class Pool:
         """
         backend.inflight -= 1
         self.inflight -= 1
+        if backend.retired and backend.inflight == 0:
+            backend.client.close()
         if self.queue:
             waiter = self.queue.popleft()
             if waiter.timer is not None and waiter.timer.active():

@@ -259,6 +259,7 @@ class _Exchange:
         self.retrying = False
         self.waiter: Waiter | None = None
         self.cookie: bytes | None = None
+        self.sent_at = 0.0
 
     def start(self) -> None:
         self.request.notifyFinish().addErrback(self._client_gone)
@@ -282,6 +283,8 @@ class _Exchange:
             return
         self.tried.append(backend)
         self.request.backend_address = backend.address
+        self.request.pool_name = pool.name
+        self.sent_at = self.forwarder.clock.seconds()
         pool.acquire(backend)
         if self.retrying:
             pool.retries_inflight += 1
@@ -427,6 +430,8 @@ class _Exchange:
     @_guarded
     def _got_response(self, response: IResponse, backend: Backend) -> None:
         self._settle()
+        latency = self.forwarder.clock.seconds() - self.sent_at
+        self.request.upstream_seconds = backend.last_latency = latency
         if self.client_gone or not 100 <= response.code <= 599:
             self.release(backend)
             self.stop_body()

@@ -1,60 +1,41 @@
-# -*- test-case-name: tests.test_service -*-
+# -*- test-case-name: tests.test_reload -*-
 """
-The service tree of a running balancer, built from a L{Config}:
+The service of a running balancer:
 
-    BalancerService (MultiService)
-      HealthService        one LoopingCall per checked backend
-      AccessLogService     flushes the access log
-      UpstreamService      closes backend connections at shutdown
-      ListenerService * N  one per listen endpoint
+    BalancerService (MultiService)   the runtime (pools, routes, checks)
+      ListenerService * N            one per listen / tls_listen endpoint
+      ListenerService                the admin API, when configured
 
-Listeners come last so that they start last and stop first: the balancer
-accepts traffic only once everything behind it runs.
+It starts the runtime before its listeners, so traffic is accepted only once
+everything behind it runs. It reloads (a new file, or runtime changes made
+through the admin API) without dropping a request, opening and closing
+listeners as the configuration asks. It stops gracefully: listeners close,
+idle keep-alive connections close, the requests under way get up to
+C{drain_timeout} to finish, then everything else stops.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from collections.abc import Callable
 from typing import Any
 
-from treq.client import HTTPClient
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
     IListeningPort,
     IProtocolFactory,
-    IReactorTime,
     IStreamServerEndpoint,
 )
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from l7lb.access import AccessList
-from l7lb.accesslog import AccessLog, AccessLogService
-from l7lb.balancing import balancer_for
-from l7lb.certificates import expiry_warnings, load_certificate_file
-from l7lb.config import Config, HealthCheckConfig
-from l7lb.connlimit import ConnectionCounts, ConnectionLimitFactory
-from l7lb.health import HealthService, checkers_for
-from l7lb.outlier import PassiveHealth
-from l7lb.pool import Backend, Pool
-from l7lb.proxy import Forwarder
-from l7lb.ratelimit import RateLimiter
-from l7lb.resource import BalancerResource, RoutePolicy
-from l7lb.routing import RouteMap
-from l7lb.site import BalancerSite
-from l7lb.tls import ServerTLS, tls_server_factory
-from l7lb.trust import TrustedProxies
-from l7lb.upstream import (
-    Upstream,
-    UpstreamClient,
-    client_endpoint,
-    fixed_agent,
-    quiet_pool,
-)
+from l7lb.config import Config, ConfigError
+from l7lb.pool import Pool
+from l7lb.resource import RoutePolicy
+from l7lb.runtime import Runtime
+from l7lb.state import RuntimeState, read_state, save_state
+from l7lb.upstream import Upstream, UpstreamClient
 
 log = Logger()
 
@@ -86,7 +67,6 @@ class ListenerService(Service):
         self.port: IListeningPort | None = None
 
     def startService(self) -> None:
-        super().startService()
         failures: list[Failure] = []
         d = self.endpoint.listen(self.factory)
         d.addCallbacks(self._listening, failures.append)
@@ -94,6 +74,7 @@ class ListenerService(Service):
             raise ListenFailed(
                 f"cannot listen on {self.description}: {failures[0].getErrorMessage()}"
             )
+        super().startService()
 
     def _listening(self, port: IListeningPort) -> None:
         self.port = port
@@ -111,63 +92,6 @@ class ListenerService(Service):
         return port.stopListening()
 
 
-class UpstreamService(Service):
-    """
-    At shutdown: closes the idle keep-alive connections to every backend and
-    stops the ejection timers of passive health.
-    """
-
-    def __init__(
-        self, clients: Sequence[UpstreamClient], pools: Sequence[Pool]
-    ) -> None:
-        self.clients = clients
-        self.pools = pools
-
-    def stopService(self) -> Deferred[Any]:
-        super().stopService()
-        for pool in self.pools:
-            for backend in pool.backends:
-                if backend.passive is not None:
-                    backend.passive.stop()
-        return DeferredList([client.close() for client in self.clients])
-
-
-class BalancerService(MultiService):
-    """
-    A running balancer. C{pools} and C{listeners} are there to be inspected.
-    """
-
-    exit_on_listen_failure = False
-
-    def __init__(self, config: Config, pools: dict[str, Pool]) -> None:
-        super().__init__()
-        self.config = config
-        self.pools = pools
-        self.listeners: list[ListenerService] = []
-        self.tls_listeners: list[ListenerService] = []
-        self.policies: dict[str, RoutePolicy] = {}
-
-    def https_port(self) -> int | None:
-        """
-        The port of the first TLS listener, where plain-HTTP requests to a
-        C{redirect_https} route are sent.
-        """
-        for listener in self.tls_listeners:
-            if listener.port is not None:
-                port: int | None = getattr(listener.port.getHost(), "port", None)
-                return port
-        return None
-
-    def startService(self) -> None:
-        try:
-            super().startService()
-        except ListenFailed as e:
-            if self.exit_on_listen_failure:
-                # twistd prints this line and exits 1, without a traceback.
-                raise SystemExit(f"l7lb: {e}") from None
-            raise
-
-
 def listen_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
     """
     The endpoint for a listen string; TCP ones get a backlog of 1024 unless
@@ -182,144 +106,217 @@ def listen_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
     return endpoint
 
 
-def read_secret(path: str | None) -> bytes:
+class BalancerService(MultiService):
     """
-    The key for sticky-session tokens: from C{secret_file}, or made up for
-    this process (cookies then change when l7lb restarts).
+    A running balancer. C{pools}, C{policies} and C{listeners} are there to
+    be inspected; C{reload} and C{change} reconfigure it while it serves.
     """
-    if path is None:
-        return os.urandom(32)
-    with open(path, "rb") as f:
-        return f.read().strip()
 
+    exit_on_listen_failure = False
 
-def route_policies(config: Config, clock: IReactorTime) -> dict[str, RoutePolicy]:
-    """
-    Each route's access list and rate limiter, where it has them.
-    """
-    policies = {}
-    for route in config.routes:
-        access = AccessList(route.access) if route.access else None
-        limiter = (
-            RateLimiter(route.name, route.rate_limit, clock, config.ratelimit_max_keys)
-            if route.rate_limit
-            else None
-        )
-        if access is not None or limiter is not None:
-            policies[route.name] = RoutePolicy(access, limiter)
-    return policies
+    def __init__(
+        self,
+        reactor: Any,
+        config_path: str,
+        upstream_for: Callable[..., UpstreamClient] = Upstream,
+        state: RuntimeState | None = None,
+    ) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.config_path = config_path
+        self.runtime = Runtime(reactor, upstream_for)
+        self.runtime.https_port = self.https_port
+        self.state = state or RuntimeState()
+        self._listeners: dict[tuple[str, str], ListenerService] = {}
+        self.admin: ListenerService | None = None
+        self.admin_factory: Callable[[BalancerService], IProtocolFactory] | None = None
+
+    @property
+    def config(self) -> Config:
+        config = self.runtime.config
+        assert config is not None
+        return config
+
+    @property
+    def pools(self) -> dict[str, Pool]:
+        return self.runtime.pools
+
+    @property
+    def policies(self) -> dict[str, RoutePolicy]:
+        return self.runtime.policies
+
+    @property
+    def listeners(self) -> list[ListenerService]:
+        return list(self._listeners.values())
+
+    @property
+    def tls_listeners(self) -> list[ListenerService]:
+        return [s for (kind, _), s in self._listeners.items() if kind == "tls"]
+
+    def https_port(self) -> int | None:
+        """
+        The port of the first TLS listener, where plain-HTTP requests to a
+        C{redirect_https} route are sent.
+        """
+        for listener in self.tls_listeners:
+            if listener.port is not None:
+                port: int | None = getattr(listener.port.getHost(), "port", None)
+                return port
+        return None
+
+    def apply(self, config: Config) -> list[str]:
+        """
+        Make C{config} the running configuration; the problems opening new
+        listeners, if any (the rest of the change still takes effect).
+        """
+        self.runtime.apply(config)
+        return self._sync_listeners(config)
+
+    def _sync_listeners(self, config: Config) -> list[str]:
+        runtime = self.runtime
+        wanted: dict[tuple[str, str], IProtocolFactory] = {
+            ("http", d): runtime.site for d in config.lb.listen
+        }
+        if runtime.tls_factory is not None:
+            wanted.update(
+                {("tls", d): runtime.tls_factory for d in config.lb.tls_listen}
+            )
+        if config.admin is not None and self.admin_factory is not None:
+            wanted[("admin", config.admin.listen)] = self.admin_factory(self)
+        problems = []
+        for key in [key for key in self._listeners if key not in wanted]:
+            listener = self._listeners.pop(key)
+            listener.disownServiceParent()
+            log.info("stopped listening on {description}", description=key[1])
+        for key, factory in wanted.items():
+            if key in self._listeners:
+                continue
+            listener = ListenerService(
+                listen_endpoint(self.reactor, key[1]), factory, key[1]
+            )
+            try:
+                # Started at once when the balancer already runs.
+                listener.setServiceParent(self)
+            except ListenFailed as e:
+                self.removeService(listener)
+                problems.append(str(e))
+                log.error("{problem}", problem=str(e))
+                continue
+            self._listeners[key] = listener
+        return problems
+
+    def reload(self) -> list[str]:
+        """
+        Read the file again (runtime changes on top) and apply it; when it
+        has problems, log every one and keep running as before. Returns the
+        problems (empty when the new configuration took effect).
+        """
+        try:
+            config = self.state.config(self.config_path)
+        except ConfigError as e:
+            for problem in e.problems:
+                log.error("reload refused: {problem}", problem=problem)
+            return e.problems
+        try:
+            problems = self.apply(config)
+        except ValueError as e:  # a certificate changed under us
+            log.error("reload refused: {problem}", problem=str(e))
+            return [str(e)]
+        self.runtime.reopen_logs()
+        log.info("configuration reloaded from {path}", path=self.config_path)
+        return problems
+
+    def change(self, state: RuntimeState) -> list[str]:
+        """
+        Apply runtime changes (from the admin API): validated like the file,
+        saved atomically when C{[admin] state_file} is set, then applied.
+        Nothing is changed when they are refused; returns the problems.
+        """
+        try:
+            config = state.config(self.config_path)
+        except ConfigError as e:
+            return e.problems
+        admin = config.admin
+        if admin is not None and admin.state_file is not None:
+            save_state(admin.state_file, state)
+        self.state = state
+        return self.apply(config)
+
+    def startService(self) -> None:
+        self.runtime.start()
+        try:
+            super().startService()
+        except ListenFailed as e:
+            if self.exit_on_listen_failure:
+                # twistd prints this line and exits 1, without a traceback.
+                raise SystemExit(f"l7lb: {e}") from None
+            raise
+
+    @inlineCallbacks
+    def stopService(self) -> Any:
+        """
+        Stop gracefully: no new connections, idle keep-alive connections
+        closed, busy ones closed after their answer (with Connection:
+        close), then up to C{drain_timeout} for the requests under way.
+        """
+        Service.stopService(self)
+        stopping: list[Deferred[Any]] = []
+        for listener in self.listeners:
+            if listener.running:
+                d = listener.stopService()
+                if d is not None:
+                    stopping.append(d)
+        yield DeferredList(stopping)
+        sites = self.runtime.sites
+        busy = []
+        for site in sites:
+            site.draining = True
+            site.connections.close_all_when_done()
+            if site.requests_in_flight:
+                busy.append(site.connections.when_drained())
+        if busy:
+            timeout = (
+                self.runtime.config.lb.drain_timeout if self.runtime.config else 30.0
+            )
+            log.info(
+                "draining {count} requests (up to {timeout}s)",
+                count=sum(site.requests_in_flight for site in sites),
+                timeout=timeout,
+            )
+            waiting = DeferredList(busy)
+            waiting.addTimeout(timeout, self.reactor)
+            try:
+                yield waiting
+            except Exception:
+                log.warn(
+                    "drain timeout: closing {count} requests still under way",
+                    count=sum(site.requests_in_flight for site in sites),
+                )
+        for site in sites:
+            site.connections.abort_all()
+        yield self.runtime.stop()
 
 
 def build(
     config: Config,
     reactor: Any,
     upstream_for: Callable[..., UpstreamClient] = Upstream,
+    state: RuntimeState | None = None,
 ) -> BalancerService:
     """
-    The service tree for C{config}, on C{reactor} (which must provide the
-    TCP, time and thread interfaces of a real reactor).
+    The service for C{config} (read from its C{source} file, with C{state}'s
+    runtime changes on top), on C{reactor}.
     """
-    secret = read_secret(config.lb.secret_file)
-    pools = {}
-    clients: list[UpstreamClient] = []
-    for pool_config in config.pools:
-        backends = []
-        for server in pool_config.servers:
-            client = upstream_for(reactor, server, pool_config)
-            clients.append(client)
-            backend = Backend(
-                server,
-                client,
-                pool_config.slow_start,
-                reactor,
-                max_inflight=pool_config.max_connections,
-            )
-            if pool_config.max_fails:
-                backend.passive = PassiveHealth(
-                    pool_config.name,
-                    backend,
-                    pool_config.max_fails,
-                    pool_config.fail_timeout,
-                    reactor,
-                )
-            backends.append(backend)
-        pools[pool_config.name] = Pool(
-            pool_config, backends, balancer_for(pool_config.balance), secret, reactor
-        )
+    service = BalancerService(reactor, config.source, upstream_for, state)
+    from l7lb.admin import admin_site
 
-    root = BalancerService(config, pools)
-    trusted = TrustedProxies(config.lb.trusted_proxies)
-    forwarder = Forwarder(reactor, trusted)
-    root.policies = policies = route_policies(config, reactor)
-    resource = BalancerResource(
-        RouteMap(config.routes), pools, forwarder, root.https_port, policies
-    )
-    access_log = AccessLog.open(config.lb.access_log, reactor)
-    site = BalancerSite(
-        resource,
-        config.lb,
-        access_log,
-        reactor,
-        timeout=config.lb.keepalive_timeout,
-        trusted=trusted,
-    )
+    service.admin_factory = admin_site
+    service.apply(config)
+    return service
 
-    # Probes open a connection of their own each time (as HAProxy's do):
-    # that checks the backend still accepts, and no stale connection can fail
-    # a probe.
-    probe_connections = quiet_pool(reactor, persistent=False)
 
-    def probe_client(
-        pool: Pool, backend: Backend, check: HealthCheckConfig
-    ) -> HTTPClient:
-        endpoint = client_endpoint(reactor, backend.config, pool.config, check.timeout)
-        return HTTPClient(fixed_agent(reactor, endpoint, probe_connections))
-
-    HealthService(
-        checkers_for(list(pools.values()), probe_client, reactor),
-        [probe_connections.closeCachedConnections],
-    ).setServiceParent(root)
-    AccessLogService(access_log, reactor).setServiceParent(root)
-    UpstreamService(clients, list(pools.values())).setServiceParent(root)
-    counts = ConnectionCounts(config.lb.max_connections_per_ip)
-
-    def limited(factory: IProtocolFactory) -> IProtocolFactory:
-        if not (config.lb.max_connections or config.lb.max_connections_per_ip):
-            return factory
-        return ConnectionLimitFactory(
-            factory, config.lb.max_connections, counts, reactor
-        )
-
-    for description in config.lb.listen:
-        listener = ListenerService(
-            listen_endpoint(reactor, description), limited(site), description
-        )
-        listener.setServiceParent(root)
-        root.listeners.append(listener)
-    if config.tls is not None and config.lb.tls_listen:
-        certificates = [load_certificate_file(p) for p in config.tls.certificates]
-        for warning in expiry_warnings(certificates, datetime.now(UTC)):
-            log.warn("{warning}", warning=warning)
-        tls_site = BalancerSite(
-            resource,
-            config.lb,
-            access_log,
-            reactor,
-            timeout=config.lb.keepalive_timeout,
-            scheme=b"https",
-            trusted=trusted,
-        )
-        factory = tls_server_factory(
-            tls_site,
-            ServerTLS(config.tls, certificates),
-            reactor,
-            config.lb.tls_handshake_timeout,
-        )
-        for description in config.lb.tls_listen:
-            listener = ListenerService(
-                listen_endpoint(reactor, description), limited(factory), description
-            )
-            listener.setServiceParent(root)
-            root.listeners.append(listener)
-            root.tls_listeners.append(listener)
-    return root
+def read_runtime_state(config: Config) -> RuntimeState:
+    """
+    The runtime changes saved for this configuration, if any.
+    """
+    return read_state(config.admin.state_file if config.admin else None)

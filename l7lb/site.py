@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -28,7 +28,9 @@ from twisted.web.resource import IResource
 from l7lb import errors
 from l7lb.accesslog import AccessLog
 from l7lb.config import LBConfig
+from l7lb.connlimit import ConnectionCounts
 from l7lb.headers import HTTPDate, connection_tokens
+from l7lb.metrics import Metrics
 from l7lb.trust import TrustedProxies
 
 
@@ -41,6 +43,7 @@ class BalancerRequest(http.Request):
     channel: BalancerChannel
 
     route_name = "-"
+    pool_name = "-"
     backend_address = "-"
     request_id = b"-"
     note = ""
@@ -54,7 +57,9 @@ class BalancerRequest(http.Request):
         self.site: BalancerSite = channel.site
         self.scheme = self.site.scheme
         self.started = self.site.clock.seconds()
+        self.site.requests_in_flight += 1
         self.body_size = 0
+        self.upstream_seconds: float | None = None
         # l7lb's own headers for the response (HSTS, rate limit state...).
         self.additions: list[tuple[bytes, bytes]] = []
         # HTTP/1.x requests arrive on l7lb's own channel, which enforces the
@@ -229,10 +234,30 @@ class BalancerRequest(http.Request):
         super().connectionLost(reason)
 
     def log_access(self) -> None:
+        """
+        The exchange is over, however it ended: log it once, count it.
+        """
         if self._logged:
             return
         self._logged = True
-        self.site.access_log.log(self)
+        site = self.site
+        site.requests_in_flight -= 1
+        site.access_log.log(self)
+        site.metrics.request(
+            self.route_name,
+            self.pool_name,
+            self.backend_address,
+            self.code,
+            site.clock.seconds() - self.started,
+            self.body_size,
+            self.sentLength,
+        )
+        if self.upstream_seconds is not None:
+            site.metrics.upstream(
+                self.pool_name, self.backend_address, self.upstream_seconds
+            )
+        if site.draining and site.requests_in_flight == 0:
+            site.connections.drained()
 
 
 # What a header value may hold (RFC 9110 section 5.5): visible characters,
@@ -444,12 +469,51 @@ def _header_block_size(headers: Headers) -> int:
     )
 
 
-def _balancer_protocol() -> _GenericHTTPChannelProtocol:
+class ClientConnection(_GenericHTTPChannelProtocol):
     """
-    A connection that speaks HTTP/1.x through L{BalancerChannel}, or HTTP/2
-    when TLS negotiated C{h2} by ALPN (twisted.web's own switch).
+    A client connection: HTTP/1.x through L{BalancerChannel}, or HTTP/2 when
+    TLS negotiated C{h2} by ALPN (twisted.web's own switch); counted by the
+    site for its connection caps and for draining.
     """
-    return _GenericHTTPChannelProtocol(BalancerChannel())
+
+    host = ""
+
+    def makeConnection(self, transport: Any) -> None:
+        # The IProtocol methods go to the channel; this is where the
+        # connection begins for this wrapper.
+        self.transport = transport
+        self.host = getattr(transport.getPeer(), "host", "") or ""
+        self.site.connections.opened(self)
+        super().makeConnection(transport)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.site.connections.closed(self)
+        super().connectionLost(reason)
+
+    @property
+    def idle(self) -> bool:
+        """
+        No request is being read or answered on this connection.
+        """
+        channel = self._channel
+        if isinstance(channel, BalancerChannel):
+            return not channel.requests and not channel._receivedHeaderSize
+        return not getattr(channel, "streams", None)
+
+    def close_when_done(self) -> None:
+        """
+        Answer what is under way with C{Connection: close}, then close; close
+        at once if nothing is.
+        """
+        channel = self._channel
+        if isinstance(channel, BalancerChannel):
+            channel.persistent = False
+        if self.idle:
+            self.transport.loseConnection()
+
+
+def _client_connection() -> ClientConnection:
+    return ClientConnection(BalancerChannel())
 
 
 class BalancerSite(server.Site):
@@ -459,7 +523,7 @@ class BalancerSite(server.Site):
     """
 
     requestFactory = BalancerRequest  # type: ignore[assignment]
-    protocol = staticmethod(_balancer_protocol)
+    protocol = staticmethod(_client_connection)
 
     def __init__(
         self,
@@ -470,6 +534,8 @@ class BalancerSite(server.Site):
         timeout: float,
         scheme: bytes = b"http",
         trusted: TrustedProxies | None = None,
+        connections: ConnectionCounts | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         super().__init__(resource, reactor=clock, timeout=timeout)
         self.limits = limits
@@ -478,6 +544,19 @@ class BalancerSite(server.Site):
         self.scheme = scheme
         self.date = HTTPDate(clock)
         self.trusted = trusted or TrustedProxies(())
+        self.metrics = metrics or Metrics()
+        self.connections = connections or ConnectionCounts(self.metrics)
+        # Requests begun and not yet logged: what draining waits for.
+        self.requests_in_flight = 0
+        self.draining = False
+
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        if not self.connections.admits(addr, self.limits):
+            return None  # the reactor closes it at once
+        protocol = super().buildProtocol(addr)
+        if protocol is not None and self.draining:
+            protocol._channel.persistent = False
+        return protocol
 
     def log(self, request: Any) -> None:
         """

@@ -14,7 +14,8 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from l7lb.config import Config, ConfigError, describe, load
-from l7lb.service import build
+from l7lb.service import BalancerService, build, read_runtime_state
+from l7lb.state import RuntimeState
 
 log = Logger()
 
@@ -33,12 +34,21 @@ class Options(usage.Options):
     ]
 
     config: Config
+    state: RuntimeState
 
     def postOptions(self) -> None:
         if not self["config"]:
             raise usage.UsageError("--config FILE is required")
         try:
-            self.config = load(self["config"])
+            config = load(self["config"])
+            # Runtime changes made through the admin API, kept in its
+            # state file, apply on top of the file.
+            self.state = read_runtime_state(config)
+            self.config = (
+                self.state.config(self["config"])
+                if self.state.sections or self.state.removed
+                else config
+            )
         except ConfigError as e:
             for problem in e.problems:
                 print(problem, file=sys.stderr)
@@ -56,24 +66,21 @@ def makeService(options: Options) -> IService:
     for notice in config.notices:
         log.warn("configuration: {notice}", notice=notice)
     try:
-        service = build(config, reactor)
-    except ValueError as e:
-        # A certificate changed between validation and start.
+        service = build(config, reactor, state=options.state)
+    except (ValueError, OSError) as e:
+        # A certificate or log file changed between validation and start.
         raise SystemExit(f"l7lb: {e}") from None
     service.exit_on_listen_failure = True
-    reactor.callWhenRunning(_ignore_hangup, reactor)
+    reactor.callWhenRunning(_reload_on_hangup, reactor, service)
     return service
 
 
-def _ignore_hangup(reactor: Any) -> None:
+def _reload_on_hangup(reactor: Any, service: BalancerService) -> None:
     """
-    SIGHUP would end the process by default; until configuration reload
-    exists it is logged and otherwise ignored, so C{systemctl reload} is safe.
+    SIGHUP reloads the configuration (C{systemctl reload}, C{kill -HUP}).
     """
 
     def hangup(signum: int, frame: object) -> None:
-        reactor.callFromThread(
-            log.warn, "SIGHUP received: reload is not supported yet; running on"
-        )
+        reactor.callFromThread(service.reload)
 
     signal.signal(signal.SIGHUP, hangup)

@@ -23,6 +23,7 @@ from OpenSSL import SSL
 from OpenSSL.crypto import X509, PKey
 from twisted.internet import ssl
 from twisted.internet.interfaces import (
+    IAddress,
     IDelayedCall,
     IHandshakeListener,
     IOpenSSLClientConnectionCreator,
@@ -65,6 +66,13 @@ class ServerTLS:
     """
 
     def __init__(self, config: TLSConfig, files: Sequence[CertificateFile]) -> None:
+        self.update(config, files)
+
+    def update(self, config: TLSConfig, files: Sequence[CertificateFile]) -> None:
+        """
+        Take new certificates and settings: new handshakes use them, the
+        connections already open are not disturbed.
+        """
         self._protocols = [p.encode("ascii") for p in config.alpn]
         self._minimum = _VERSIONS[config.min_version]
         self._exact: dict[bytes, SSL.Context] = {}
@@ -195,8 +203,26 @@ class TLSGuardFactory(WrappingFactory):
         self.timeout = timeout
 
 
+class _TLSListenerFactory(TLSMemoryBIOFactory):
+    """
+    TLS in front of the site; a connection past the site's connection caps
+    is closed before any TLS work is spent on it.
+    """
+
+    noisy = False
+
+    def __init__(self, creator: ServerTLS, guard: TLSGuardFactory, site: Any) -> None:
+        super().__init__(creator, False, guard)
+        self.site = site
+
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        if not self.site.connections.admits(addr, self.site.limits):
+            return None
+        return super().buildProtocol(addr)
+
+
 def tls_server_factory(
-    site: IProtocolFactory,
+    site: Any,
     creator: ServerTLS,
     clock: IReactorTime,
     handshake_timeout: float,
@@ -205,11 +231,9 @@ def tls_server_factory(
     The factory for a C{tls_listen} endpoint: TLS, the handshake guard, then
     the site (which speaks HTTP/2 when ALPN chose it).
     """
-    factory = TLSMemoryBIOFactory(
-        creator, False, TLSGuardFactory(site, clock, handshake_timeout)
+    return _TLSListenerFactory(
+        creator, TLSGuardFactory(site, clock, handshake_timeout), site
     )
-    factory.noisy = False
-    return factory
 
 
 def backend_tls(

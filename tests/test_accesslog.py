@@ -12,7 +12,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from l7lb.accesslog import AccessLog, AccessLogService
+from l7lb.accesslog import AccessLog
 from tests.support import IntegrationTest, exchange, fetch
 
 LINE = re.compile(
@@ -49,9 +49,7 @@ class AccessLogLineTests(IntegrationTest):
             port,
             b'GET /api/"quoted"\x7f HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n',
         )
-        for child in service:
-            if isinstance(child, AccessLogService):
-                child.access_log.flush()
+        service.runtime.access_log.flush()
         with open(log_path) as f:
             lines = f.read().splitlines()
         self.assertEqual(len(lines), 4, lines)
@@ -79,28 +77,38 @@ class AccessLogLineTests(IntegrationTest):
 
 
 class BufferingTests(SynchronousTestCase):
-    def test_flushed_every_second_and_at_stop(self):
+    def test_buffered_until_flushed_and_closed(self):
         out = io.BytesIO()
-
-        class Buffered(io.BufferedWriter):
-            pass
-
-        writer = Buffered(out, buffer_size=1 << 16)  # type: ignore[arg-type]
-        clock = Clock()
-        access_log = AccessLog(writer, clock)
-        service = AccessLogService(access_log, clock)
-        service.startService()
+        writer = io.BufferedWriter(out, buffer_size=1 << 16)  # type: ignore[arg-type]
+        writer.close = lambda: writer.flush()  # type: ignore[method-assign]
+        access_log = AccessLog(writer, Clock())
         access_log.log_refusal(None, 414)
         self.assertEqual(out.getvalue(), b"")
-        clock.advance(1.0)
+        access_log.flush()
         self.assertEqual(
             out.getvalue(),
             b'1970-01-01T00:00:00.000Z - "- - -" 414 0 0.000 route=- backend=- id=- end="refused"\n',
         )
         access_log.log_refusal(None, 400)
-        writer.close = lambda: None  # type: ignore[method-assign]  # keep it readable
-        service.stopService()
+        access_log.close()
         self.assertEqual(out.getvalue().count(b"\n"), 2)
+        self.assertFalse(access_log.enabled)
+
+    def test_json_lines(self):
+        out = io.BytesIO()
+        access_log = AccessLog(out, Clock(), json_lines=True)
+        access_log.log_refusal(None, 431)
+        import json
+
+        self.assertEqual(
+            json.loads(out.getvalue()),
+            {
+                "time": "1970-01-01T00:00:00.000Z",
+                "client": "-",
+                "status": 431,
+                "end": "refused",
+            },
+        )
 
     def test_off(self):
         access_log = AccessLog.open(None, Clock())

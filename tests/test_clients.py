@@ -72,12 +72,7 @@ class ConnectionCapTests(IntegrationTest):
 
 
 def service_counts(service):
-    from l7lb.connlimit import ConnectionLimitFactory
-
-    for listener in service.listeners:
-        if isinstance(listener.factory, ConnectionLimitFactory):
-            return listener.factory.counts.by_address
-    return {}
+    return service.runtime.site.connections.by_address
 
 
 class BodyDeadlineTests(IntegrationTest):
