@@ -39,8 +39,9 @@ class AccessList:
         try:
             address = ipaddress.ip_address(client)
         except ValueError:
-            # Not an address (a UNIX socket peer): only an open route admits it.
-            return not self.rule.allow
+            # Not an address (a UNIX socket peer, a garbled forwarded hop):
+            # only a route with no list at all admits it.
+            return not self.rule.allow and not self.rule.deny
         mapped = getattr(address, "ipv4_mapped", None)
         candidates = [address] if mapped is None else [address, mapped]
 

@@ -51,7 +51,7 @@ _RESPONSE_DROPPED = HOP_BY_HOP | {b"Content-Length", b"Via", b"X-Request-Id"}
 _PROTECTED = frozenset({b"host", b"content-length"})
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 def connection_tokens(values: Sequence[bytes] | None) -> frozenset[bytes]:
@@ -89,7 +89,7 @@ def _forwarded_value(value: bytes) -> bytes:
     """
     A token stays bare; anything else becomes a quoted-string.
     """
-    if _TOKEN.fullmatch(value):
+    if TOKEN.fullmatch(value):
         return value
     return b'"%s"' % value.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
 

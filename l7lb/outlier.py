@@ -45,16 +45,18 @@ class PassiveHealth:
         self.failures = 0
         self.ejections = 0
         self.total_ejections = 0
-        self.last_ejection = -MAX_EJECTION
+        # Since when the backend has served without a failure.
+        self.clean_since = clock.seconds()
         self._return: IDelayedCall | None = None
 
     def success(self) -> None:
         self.failures = 0
-        if self.ejections and self.clock.seconds() - self.last_ejection > MAX_EJECTION:
+        if self.ejections and self.clock.seconds() - self.clean_since >= MAX_EJECTION:
             self.ejections = 0
 
     def failure(self, reason: str) -> None:
         self.failures += 1
+        self.clean_since = self.clock.seconds()
         if self.failures >= self.max_fails and not self.backend.ejected:
             self._eject(reason)
 
@@ -63,7 +65,6 @@ class PassiveHealth:
         self.ejections += 1
         self.total_ejections += 1
         self.failures = 0
-        self.last_ejection = self.clock.seconds()
         self.backend.set_ejected(True)
         self._return = self.clock.callLater(duration, self._readmit)
         self.log.warn(
@@ -79,6 +80,7 @@ class PassiveHealth:
 
     def _readmit(self) -> None:
         self._return = None
+        self.clean_since = self.clock.seconds()
         self.backend.set_ejected(False)
         self.log.info(
             "backend {backend} of pool {pool} readmitted after its ejection{waiting}",

@@ -140,13 +140,16 @@ class Backend:
 
 class Waiter:
     """
-    A request queued for a free slot; C{resume(True)} when one frees up,
-    C{resume(False)} when C{queue_timeout} passes first.
+    A request queued for a free slot. When a slot frees up, C{resume(True)}
+    is offered to each waiter in turn until one takes it (returns C{True};
+    one that cannot use it, say a retry that must avoid that backend, stays
+    queued with its deadline). C{resume(False)} when C{queue_timeout}
+    passes first.
     """
 
     __slots__ = ("resume", "timer")
 
-    def __init__(self, resume: Callable[[bool], None]) -> None:
+    def __init__(self, resume: Callable[[bool], bool]) -> None:
         self.resume = resume
         self.timer: IDelayedCall | None = None
 
@@ -255,11 +258,10 @@ class Pool:
         self.inflight -= 1
         if backend.retired and backend.inflight == 0:
             backend.client.close()
-        if self.queue:
-            waiter = self.queue.popleft()
-            if waiter.timer is not None and waiter.timer.active():
-                waiter.timer.cancel()
-            waiter.resume(True)
+        for waiter in list(self.queue):
+            if waiter in self.queue and waiter.resume(True):
+                self.cancel(waiter)
+                break
 
     def at_capacity(self) -> bool:
         """
@@ -270,13 +272,10 @@ class Pool:
     def any_in_rotation(self, exclude: Container[Backend] = ()) -> bool:
         return any(b.in_rotation and b not in exclude for b in self.backends)
 
-    def wait(
-        self, resume: Callable[[bool], None], first: bool = False
-    ) -> Waiter | None:
+    def wait(self, resume: Callable[[bool], bool]) -> Waiter | None:
         """
         Queue a request until a slot frees up, or C{None} when the queue is
-        full (the request is then refused at once). C{first}: a waiter that
-        was woken but could not get a slot goes back to the head.
+        full (the request is then refused at once).
         """
         if len(self.queue) >= self.config.max_queue:
             self.shed += 1
@@ -285,11 +284,8 @@ class Pool:
         waiter.timer = self.clock.callLater(
             self.config.queue_timeout, self._expire, waiter
         )
-        if first:
-            self.queue.appendleft(waiter)
-        else:
-            self.queue.append(waiter)
-            self.queued += 1
+        self.queue.append(waiter)
+        self.queued += 1
         return waiter
 
     def _expire(self, waiter: Waiter) -> None:
@@ -320,6 +316,11 @@ class Pool:
         if token is None:
             return None
         backend = self._by_token.get(token)
-        if backend is None or not backend.in_rotation or backend in exclude:
+        if (
+            backend is None
+            or not backend.in_rotation
+            or backend.inflight >= backend.max_inflight
+            or backend in exclude
+        ):
             return None
         return backend

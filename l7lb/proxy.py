@@ -70,6 +70,17 @@ def _guarded(method: _M) -> _M:
 
 _M = TypeVar("_M", bound=Callable[..., Any])
 
+
+class _LocalError(Exception):
+    """
+    The upstream client refused the request before sending anything.
+    """
+
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.getErrorMessage())
+        self.failure = failure
+
+
 # RFC 9110 section 9.2.2: a request that may be sent twice.
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
@@ -265,7 +276,7 @@ class _Exchange:
         self.request.notifyFinish().addErrback(self._client_gone)
         self._attempt(None)
 
-    def _attempt(self, failed_status: int | None, requeue: bool = False) -> None:
+    def _attempt(self, failed_status: int | None) -> None:
         """
         Send the request to a backend not yet tried, or queue it when the
         caps are reached. C{failed_status} is the answer of the attempt
@@ -273,14 +284,17 @@ class _Exchange:
         """
         pool = self.pool
         backend = None if pool.at_capacity() else self._choose()
-        if backend is None:
-            if pool.any_in_rotation(self.tried):
-                self._queue(failed_status, requeue)
-            elif failed_status is None:
-                self.request.respond_error(503, {b"Retry-After": pool.retry_after})
-            else:
-                self.request.respond_error(failed_status)
-            return
+        if backend is not None:
+            self._dispatch(backend)
+        elif pool.any_in_rotation(self.tried):
+            self._queue(failed_status)
+        elif failed_status is None:
+            self.request.respond_error(503, {b"Retry-After": pool.retry_after})
+        else:
+            self.request.respond_error(failed_status)
+
+    def _dispatch(self, backend: Backend) -> None:
+        pool = self.pool
         self.tried.append(backend)
         self.request.backend_address = backend.address
         self.request.pool_name = pool.name
@@ -300,7 +314,9 @@ class _Exchange:
                 self.method, self.target, self.headers, self.body
             )
         except Exception:
-            d = fail()
+            # Refused before anything was sent: l7lb's doing, not the
+            # backend's, so passive health must not hear of it.
+            d = fail(_LocalError(Failure()))
         self.pending = d
         d.addCallbacks(
             self._got_response,
@@ -309,23 +325,29 @@ class _Exchange:
             errbackArgs=(backend,),
         )
 
-    def _queue(self, failed_status: int | None, requeue: bool) -> None:
+    def _queue(self, failed_status: int | None) -> None:
         """
         Every backend that could take the request is at its cap (or the pool
         is): wait for a slot, up to C{queue_timeout}; a full queue means 503
         at once.
         """
+        pool = self.pool
 
-        def resume(ok: bool) -> None:
-            self.waiter = None
-            if self.client_gone:
-                return
-            if ok:
-                self._attempt(failed_status, requeue=True)
-            else:
+        def resume(ok: bool) -> bool:
+            if not ok:
+                self.waiter = None
                 self.request.respond_error(503, {b"Retry-After": b"1"})
+                return True
+            backend = None if pool.at_capacity() else self._choose()
+            if backend is None:
+                return False  # not this slot: stay queued, deadline unchanged
+            assert self.waiter is not None
+            pool.cancel(self.waiter)
+            self.waiter = None
+            self._dispatch(backend)
+            return True
 
-        self.waiter = self.pool.wait(resume, first=requeue)
+        self.waiter = pool.wait(resume)
         if self.waiter is None:
             self.request.respond_error(503, {b"Retry-After": b"1"})
 
@@ -395,6 +417,12 @@ class _Exchange:
         self.stop_body()
         self.release(backend)
         if self.client_gone:
+            return
+        if isinstance(failure.value, _LocalError):
+            self.forwarder.log.failure(
+                "request could not be sent", failure.value.failure
+            )
+            self.request.respond_error(502)
             return
         status, retry = self._judge(failure)
         self.backend_failed(

@@ -7,6 +7,7 @@ consults the route map and hands the request to the forwarder.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -130,7 +131,10 @@ class BalancerResource(Resource):
         ):
             return Refusal(403)
         if policy.limiter is not None:
-            refusal = self._spend_token(request, policy.limiter)
+            try:
+                refusal = self._spend_token(request, policy.limiter)
+            except BadTarget:
+                return Refusal(400)
             if refusal is not None:
                 return refusal
         assert route.pool is not None  # only a deny-all route has none
@@ -174,6 +178,8 @@ class BalancerResource(Resource):
         """
         headers = request.requestHeaders
         if authority is not None:
+            if not valid_host(authority):
+                raise BadTarget("a malformed authority")
             headers.setRawHeaders(b"Host", [authority])
             return authority
         hosts = headers.getRawHeaders(b"Host")
@@ -200,8 +206,25 @@ def limit_key(spec: str, request: BalancerRequest) -> str:
     if spec != "client_ip":
         values = request.requestHeaders.getRawHeaders(spec[7:].encode())
         if values:
+            if len(values) > 1:
+                # Which one would the backend believe? Refuse to guess.
+                raise BadTarget("the rate limit's key header is repeated")
             value = values[0]
             if len(value) > 64:
                 return "h#" + hashlib.blake2b(value, digest_size=16).hexdigest()
             return "h:" + value.decode("latin-1")
-    return request.client_address
+    return client_key(request.client_address)
+
+
+def client_key(address: str) -> str:
+    """
+    A client address as a bucket key: an IPv6 client gets its /64, since one
+    host commonly has a whole /64 to pick addresses from.
+    """
+    if ":" not in address:
+        return address
+    try:
+        network = ipaddress.ip_network(f"{address}/64", strict=False)
+    except ValueError:
+        return address
+    return str(network)

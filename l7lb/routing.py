@@ -117,9 +117,9 @@ class RouteMap:
         return None
 
 
-_HOST_VALUE = re.compile(
-    rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(:[0-9]*)?"
-)
+# RFC 9110 section 7.2, without percent-encoding: an escaped name would
+# match no host condition and so could dodge one.
+_HOST_VALUE = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=-]*)(:[0-9]*)?")
 
 
 def valid_host(value: bytes) -> bool:
@@ -147,7 +147,11 @@ def host_name(value: bytes) -> bytes:
 def strip_prefix(path: bytes, prefix: bytes) -> bytes:
     """
     C{/apiA/x} without the prefix C{/apiA} is C{/x}; C{/apiA} itself is C{/}.
+    The prefix's segments go whole, parameters and all (C{/apiA;v=1/x} is
+    C{/x}), since routes match paths without their parameters.
     """
     if prefix == b"/":
         return path
-    return path[len(prefix) :] or b"/"
+    depth = prefix.count(b"/")
+    rest = path.split(b"/", depth + 1)
+    return b"/" + rest[depth + 1] if len(rest) > depth + 1 else b"/"

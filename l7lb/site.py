@@ -29,7 +29,7 @@ from l7lb import errors
 from l7lb.accesslog import AccessLog
 from l7lb.config import LBConfig
 from l7lb.connlimit import ConnectionCounts
-from l7lb.headers import HTTPDate, connection_tokens
+from l7lb.headers import TOKEN, HTTPDate, connection_tokens
 from l7lb.metrics import Metrics
 from l7lb.trust import TrustedProxies
 
@@ -106,6 +106,9 @@ class BalancerRequest(http.Request):
         host = getattr(self.client, "host", None)
         return host if isinstance(host, str) and host else "unknown"
 
+    _refusal = 0
+    _body_deadline: Any = None
+
     def gotLength(self, length: int | None) -> None:
         limits = self.site.limits
         if length is not None and length > limits.max_body_size:
@@ -113,26 +116,55 @@ class BalancerRequest(http.Request):
             self.refuse(413)
             return
         super().gotLength(length)
-        if self.http2:
+        if self.http2 and length != 0:
+            # HTTP/2 streams get the body deadline HTTP/1.1 connections get.
+            self._body_deadline = self.site.clock.callLater(
+                limits.client_body_timeout, self._body_too_slow
+            )
+
+    def _body_too_slow(self) -> None:
+        self._body_deadline = None
+        self.refused = True
+        self.code = 408
+        self.note = "refused"
+        self.log_access()
+        if self.channel is not None:
             stream: Any = self.channel
-            if len(stream.path or b"") > limits.max_uri_length:
-                self.refuse(414)
-            elif _header_block_size(self.requestHeaders) > limits.max_header_size:
-                self.refuse(431)
+            stream.abortConnection()  # RST_STREAM; the connection goes on
 
     def refuse(self, status: int) -> None:
         """
         Refuse the request while it is being received: HTTP/1.x answers and
-        closes the connection, HTTP/2 answers on the stream alone.
+        closes the connection. HTTP/2 answers once the stream has been read
+        (twisted.web's HTTP/2 cannot answer a stream before then), dropping
+        its body meanwhile; other streams go on.
         """
         if not self.http2:
             self.channel.refuse(status)
             return
-        stream: Any = self.channel
         self.refused = True
-        self.method, self.uri, self.clientproto = stream.command, stream.path, b"HTTP/2"
-        self.note = "refused"
-        self.respond_error(status)
+        self._refusal = self._refusal or status
+
+    def _check_http2_head(self, command: bytes | None, path: bytes | None) -> int:
+        """
+        The limits and syntax rules HTTP/1.1 requests meet in
+        L{BalancerChannel}, for a complete HTTP/2 header list: 0 or a status.
+        """
+        limits = self.site.limits
+        if path is None or command is None or not TOKEN.fullmatch(command):
+            return 400
+        if len(path) > limits.max_uri_length:
+            return 414
+        size = count = 0
+        for name, values in self.requestHeaders.getAllRawHeaders():
+            for value in values:
+                count += 1
+                size += len(name) + len(value) + 4
+                if value.translate(None, _VALUE_BYTES):
+                    return 400
+        if size > limits.max_header_size or count > limits.max_headers:
+            return 431
+        return 0
 
     def handleContentChunk(self, data: bytes) -> None:
         if self.refused:
@@ -145,8 +177,30 @@ class BalancerRequest(http.Request):
         self.content.write(data)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self.http2:
+            self._http2_received(command, path, version)
+            return
         if self.refused:
             return
+        self._received(command, path, version)
+
+    def _http2_received(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._body_deadline is not None:
+            if not self._body_deadline.active():
+                return  # already answered 408
+            self._body_deadline.cancel()
+            self._body_deadline = None
+        status = self._refusal or self._check_http2_head(command, path)
+        if status:
+            self.refused = True
+            self.method, self.uri = command or b"-", path or b"-"
+            self.clientproto = version
+            self.note = "refused"
+            self.respond_error(status)
+            return
+        self._received(command, path, version)
+
+    def _received(self, command: bytes, path: bytes, version: bytes) -> None:
         assert self.content is not None
         self.content.seek(0, 0)
         self.args = {}
@@ -160,6 +214,14 @@ class BalancerRequest(http.Request):
             self.site.resource.render(self)
         except Exception:
             self.processingFailed(Failure())
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._body_deadline is not None and self._body_deadline.active():
+            self._body_deadline.cancel()
+        if not self.finished and not self.note:
+            self.note = "client closed"
+        self.log_access()
+        super().connectionLost(reason)
 
     def processingFailed(self, reason: Failure) -> None:
         """
@@ -226,12 +288,6 @@ class BalancerRequest(http.Request):
             # A body delimited by the close itself: only a reset says "cut".
             transport: Any = self.channel.transport
             transport.abortConnection()
-
-    def connectionLost(self, reason: Failure) -> None:
-        if not self.finished and not self.note:
-            self.note = "client closed"
-        self.log_access()
-        super().connectionLost(reason)
 
     def log_access(self) -> None:
         """
@@ -459,14 +515,6 @@ class BalancerChannel(http.HTTPChannel):
         if self._lingering is not None and self._lingering.active():
             self._lingering.cancel()
         super().connectionLost(reason)
-
-
-def _header_block_size(headers: Headers) -> int:
-    return sum(
-        len(name) + len(value) + 4
-        for name, values in headers.getAllRawHeaders()
-        for value in values
-    )
 
 
 class ClientConnection(_GenericHTTPChannelProtocol):

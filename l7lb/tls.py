@@ -77,7 +77,9 @@ class ServerTLS:
         self._minimum = _VERSIONS[config.min_version]
         self._exact: dict[bytes, SSL.Context] = {}
         self._wildcard: dict[bytes, SSL.Context] = {}
-        contexts = [self._context(certificate) for certificate in files]
+        contexts = [
+            self._context(certificate, index) for index, certificate in enumerate(files)
+        ]
         # Earlier files win a name that several serve.
         for certificate, context in reversed(list(zip(files, contexts, strict=True))):
             for name in certificate.names:
@@ -88,7 +90,7 @@ class ServerTLS:
                     self._exact[encoded] = context
         self.default = contexts[0]
 
-    def _context(self, certificate: CertificateFile) -> SSL.Context:
+    def _context(self, certificate: CertificateFile, index: int) -> SSL.Context:
         context = SSL.Context(SSL.TLS_METHOD)
         context.set_min_proto_version(self._minimum)
         context.set_options(
@@ -102,9 +104,10 @@ class ServerTLS:
             context.add_extra_chain_cert(X509.from_cryptography(intermediate))
         context.use_privatekey(PKey.from_cryptography_key(certificate.key))  # type: ignore[arg-type]
         context.check_privatekey()
-        # Resumption: a server-side session cache, one id context for every
-        # certificate (SNI may switch contexts), and TLS 1.3 tickets (default).
-        context.set_session_id(b"l7lb")
+        # Resumption: a server-side session cache and TLS 1.3 tickets (the
+        # default); an id context per certificate, so a session made under
+        # one name cannot be resumed under another.
+        context.set_session_id(b"l7lb-%d" % index)
         context.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
         context.set_tlsext_servername_callback(self._choose_certificate)
         context.set_alpn_select_callback(self._choose_protocol)

@@ -52,7 +52,7 @@ class TrustedProxies:
         if not forwarded_for or not self.contains(peer):
             return peer
         hops = [
-            hop.strip().decode("latin-1")
+            _address(hop.strip().decode("latin-1"))
             for value in forwarded_for
             for hop in value.split(b",")
             if hop.strip()
@@ -61,3 +61,19 @@ class TrustedProxies:
             if not self.contains(hop):
                 return hop
         return hops[0] if hops else peer
+
+
+def _address(hop: str) -> str:
+    """
+    An X-Forwarded-For hop as a plain address: C{1.2.3.4:5678} and
+    C{[2001:db8::1]:443} lose their ports, so lists and keys see the address.
+    What is not an address stays as written (and access lists refuse it).
+    """
+    if hop.startswith("["):
+        hop = hop[1:].partition("]")[0]
+    elif hop.count(":") == 1:
+        hop = hop.partition(":")[0]
+    try:
+        return str(ipaddress.ip_address(hop))
+    except ValueError:
+        return hop

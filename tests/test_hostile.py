@@ -255,6 +255,13 @@ CASES: dict[str, Case] = {
         [(b"GET", b"/y?q")],
         lambda t, seen, raw: t.assertEqual(seen[0].header(b"Host"), [b"shop.test:81"]),
     ),
+    "absolute_form_bad_authority": Case(
+        b"GET http://admin.test:80:80/x HTTP/1.1\r\n" + H + b"\r\n", [400]
+    ),
+    "absolute_form_escaped_authority": Case(
+        b"GET http://admin%2etest/x HTTP/1.1\r\n" + H + b"\r\n", [400]
+    ),
+    "host_escaped": Case(b"GET / HTTP/1.1\r\nHost: lb%2etest\r\n\r\n", [400]),
     # Header hygiene.
     "underscore_header_dropped": Case(
         b"GET /u HTTP/1.1\r\n"

@@ -39,13 +39,26 @@ class AccessListTests(SynchronousTestCase):
         deny_only = AccessList(AccessRule(deny=nets("192.0.2.0/24")))
         self.assertTrue(deny_only.admits("198.51.100.1"))
         self.assertFalse(deny_only.admits("192.0.2.9"))
-        self.assertTrue(deny_only.admits("unknown"))
+        self.assertFalse(deny_only.admits("unknown"))  # unreadable: fail closed
 
     def test_deny_all(self):
         self.assertFalse(AccessList(AccessRule(deny_all=True)).admits("127.0.0.1"))
 
 
 class ClientAddressTests(SynchronousTestCase):
+    def test_hops_with_ports_are_addresses(self):
+        trusted = TrustedProxies(nets("10.0.0.0/8"))
+        self.assertEqual(
+            trusted.client_address("10.0.0.1", [b"203.0.113.7:5678"]), "203.0.113.7"
+        )
+        self.assertEqual(
+            trusted.client_address("10.0.0.1", [b"[2001:db8::7]:443"]), "2001:db8::7"
+        )
+        self.assertEqual(trusted.client_address("10.0.0.1", [b"nonsense"]), "nonsense")
+        self.assertFalse(
+            AccessList(AccessRule(deny=nets("203.0.113.0/24"))).admits("nonsense")
+        )
+
     def test_right_most_untrusted_hop(self):
         trusted = TrustedProxies(nets("10.0.0.0/8"))
         self.assertEqual(trusted.client_address("192.0.2.1", [b"6.6.6.6"]), "192.0.2.1")
@@ -126,6 +139,27 @@ class RateLimitTests(IntegrationTest):
             self.assertEqual(reply.status, 200)
         reply = yield fetch(self.port, "/limited")
         self.assertEqual(reply.status, 429)
+
+    @inlineCallbacks
+    def test_repeated_key_header_refused(self):
+        reply = yield fetch(self.port, "/limited", headers={"X-Api-Key": "a"})
+        self.assertEqual(reply.status, 200)
+
+        def twice():
+            import http.client
+
+            connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+            connection.putrequest("GET", "/limited")
+            connection.putheader("X-Api-Key", "random")
+            connection.putheader("X-Api-Key", "a")
+            connection.endheaders()
+            return connection.getresponse().status
+
+        from twisted.internet import threads
+
+        status = yield threads.deferToThread(twice)
+        self.assertEqual(status, 400)
+        self.assertEqual(len(self.app.requests), 1)
 
     @inlineCallbacks
     def test_global_key_and_unlimited_route(self):
@@ -241,13 +275,18 @@ class StickyTests(IntegrationTest):
 
     @inlineCallbacks
     def test_forged_cookie_is_replaced(self):
-        a = self.backend("a")
-        service = self.one_pool(a.url, pool_options="sticky = cookie SRV")
-        reply = yield fetch(
-            self.port_of(service), "/", headers={"Cookie": "SRV=127.0.0.1:80"}
-        )
-        self.assertEqual(reply.status, 200)
-        self.assertTrue(re.match(r"SRV=[0-9a-f]{32};", reply.header("Set-Cookie")[0]))
+        a, b = self.backend("a"), self.backend("b")
+        service = self.one_pool(a.url, b.url, pool_options="sticky = cookie SRV")
+        port = self.port_of(service)
+        names = []
+        for forged in (f"127.0.0.1:{b.port}", "0" * 32, "b"):
+            reply = yield fetch(port, "/", headers={"Cookie": f"SRV={forged}"})
+            names.append(reply.json()["backend"])
+            self.assertTrue(
+                re.match(r"SRV=[0-9a-f]{32};", reply.header("Set-Cookie")[0])
+            )
+        # Round robin, not the backend the forged value names.
+        self.assertEqual(names, ["a", "b", "a"])
 
 
 class HashTests(IntegrationTest):

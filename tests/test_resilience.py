@@ -7,6 +7,7 @@ costing one request only.
 from __future__ import annotations
 
 from twisted.internet.defer import succeed
+from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
@@ -238,3 +239,81 @@ class GuardTests(SynchronousTestCase):
         _, fine = other.get()
         upstream.agent.flush()
         self.assertEqual(status(fine), 500)
+
+
+class ReviewedCornerTests(SynchronousTestCase):
+    def test_sticky_cookie_respects_the_cap(self):
+        clients = [Hanging(), Hanging()]
+        lb = MemoryBalancer(clients, max_connections=1, sticky_cookie="SRV")
+        token = lb.pool.token_of[lb.pool.backends[0]]
+        for _ in range(3):
+            channel, _ = lb.connect()
+            channel.dataReceived(
+                b"GET /app HTTP/1.1\r\nHost: h\r\nCookie: SRV=" + token + b"\r\n\r\n"
+            )
+        self.assertEqual([b.inflight for b in lb.pool.backends], [1, 1])
+
+    def test_a_slot_goes_to_the_first_waiter_that_can_use_it(self):
+        clock = Clock()
+        pool = Pool(
+            PoolConfig("p", (), max_queue=5, queue_timeout=10.0),
+            backends(1),
+            None,
+            clock=clock,
+        )  # type: ignore[arg-type]
+        offered = []
+
+        def waiter(name, takes):
+            def resume(ok):
+                offered.append(name)
+                return takes
+
+            return pool.wait(resume)
+
+        picky = waiter("picky", False)  # a retry that must avoid this backend
+        waiter("plain", True)
+        backend = pool.backends[0]
+        pool.acquire(backend)
+        pool.release(backend)
+        self.assertEqual(offered, ["picky", "plain"])
+        self.assertEqual(list(pool.queue), [picky])  # still waiting...
+        clock.advance(9.9)
+        self.assertEqual(list(pool.queue), [picky])  # ...with its first deadline
+        clock.advance(0.1)
+        self.assertEqual(list(pool.queue), [])
+
+    def test_forgiveness_needs_clean_service(self):
+        from l7lb.config import ServerConfig
+        from l7lb.outlier import MAX_EJECTION, PassiveHealth
+        from l7lb.pool import Backend
+
+        clock = Clock()
+        backend = Backend(ServerConfig("http://a:1", "http", "a", 1), None, clock=clock)  # type: ignore[arg-type]
+        passive = PassiveHealth("p", backend, 1, 10.0, clock)
+        lengths = []
+        for _ in range(8):
+            passive.failure("boom")
+            start = clock.seconds()
+            while backend.ejected:
+                clock.advance(1.0)
+            lengths.append(clock.seconds() - start)
+            passive.success()  # one good answer right after readmission
+        self.assertEqual(lengths, [10, 20, 40, 80, 160, 300, 300, 300])
+        clock.advance(MAX_EJECTION)
+        passive.success()  # five quiet minutes later: forgiven
+        passive.failure("boom")
+        start = clock.seconds()
+        while backend.ejected:
+            clock.advance(1.0)
+        self.assertEqual(clock.seconds() - start, 10)
+        passive.stop()
+
+    def test_retry_accounting_returns_to_zero(self):
+        clients = [Refusing(), Refusing(), InMemoryUpstream(Failing())]
+        lb = MemoryBalancer(clients, retries=2)
+        for _ in range(6):
+            lb.get()
+            clients[2].agent.flush()
+        self.assertEqual(lb.pool.retries_inflight, 0)
+        self.assertEqual(lb.pool.inflight, 0)
+        self.assertGreater(lb.pool.retried, 0)

@@ -117,3 +117,10 @@ class HostValueTests(SynchronousTestCase):
             self.assertTrue(valid_host(good), good)
         for bad in (b"evil:.example.com", b"x X-Fold: y", b"a/b", b"[::1", b"a@b"):
             self.assertFalse(valid_host(bad), bad)
+
+
+class StripWithParametersTests(SynchronousTestCase):
+    def test_prefix_segments_go_whole(self):
+        self.assertEqual(strip_prefix(b"/apiA;x=1/secret", b"/apiA"), b"/secret")
+        self.assertEqual(strip_prefix(b"/a/b;v=2/c;k/d", b"/a/b"), b"/c;k/d")
+        self.assertEqual(strip_prefix(b"/a;x", b"/a"), b"/")

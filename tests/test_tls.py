@@ -23,7 +23,7 @@ from l7lb.config import ConfigError, TLSConfig, load
 from l7lb.tls import ServerTLS
 from tests.support import CLIENT_TIMEOUT, IntegrationTest, fetch
 from tests.test_config import MINIMAL
-from tests.tlssupport import Certificates, h2_request, handshake, https
+from tests.tlssupport import Certificates, h2_request, h2_streams, handshake, https
 
 
 class TLSTestCase(IntegrationTest):
@@ -37,23 +37,23 @@ class TLSTestCase(IntegrationTest):
         self, route_options: str = "", lb_options: str = "", tls_options: str = ""
     ):
         service = self.balancer(
-            f"""
-            [lb]
-            listen = tcp:0:interface=127.0.0.1
-            tls_listen = tcp:0:interface=127.0.0.1
-            access_log = off
-            {lb_options}
-            [tls]
-            certificates =
-                {self.a_pem}
-                {self.b_pem}
-            {tls_options}
-            [pool:p]
-            servers = {self.app.url}
-            [route:all]
-            pool = p
-            {route_options}
-            """
+            "\n".join(
+                [
+                    "[lb]",
+                    "listen = tcp:0:interface=127.0.0.1",
+                    "tls_listen = tcp:0:interface=127.0.0.1",
+                    "access_log = off",
+                    lb_options,
+                    "[tls]",
+                    f"certificates = {self.a_pem} {self.b_pem}",
+                    tls_options,
+                    "[pool:p]",
+                    f"servers = {self.app.url}",
+                    "[route:all]",
+                    "pool = p",
+                    route_options,
+                ]
+            )
         )
         port = service.tls_listeners[0].port
         assert port is not None
@@ -421,3 +421,84 @@ class CertificateFileTests(SynchronousTestCase):
         self.assertIn("soon.pem expires on", warnings[0])
         self.assertIn("in 4 days", warnings[0])
         self.assertIn("gone.pem expired on", warnings[1])
+
+
+class HTTP2StrictnessTests(TLSTestCase):
+    """
+    HTTP/2 requests meet the rules HTTP/1.1 requests meet, and a refused
+    stream does not take its connection's other streams down.
+    """
+
+    def head(self, port, path="/ok", method="GET", extra=()):
+        return [
+            (":method", method),
+            (":path", path),
+            (":scheme", "https"),
+            (":authority", f"a.example.test:{port}"),
+            *extra,
+        ]
+
+    @inlineCallbacks
+    def test_refusals_per_stream(self):
+        _, port = self.tls_balancer(
+            lb_options="max_uri_length = 1KiB\nmax_header_size = 2KiB\nmax_headers = 10\nmax_body_size = 1KiB"
+        )
+        context = self.certs.client_context(alpn=["h2"])
+        streams = yield h2_streams(
+            port,
+            context,
+            "a.example.test",
+            [
+                (self.head(port, "/first"), b""),
+                (self.head(port, method="G(T"), b""),
+                (self.head(port, "/" + "a" * 2000), b""),
+                (self.head(port, extra=[(f"x-{n}", "v") for n in range(12)]), b""),
+                (self.head(port, extra=[("x-big", "v" * 3000)]), b""),
+                (self.head(port, extra=[("x-ctl", "a\x01b")]), b""),
+                (
+                    self.head(port, "/up", "POST", extra=[("content-length", "2000")]),
+                    b"z" * 2000,
+                ),
+                (self.head(port, "/last"), b""),
+            ],
+        )
+        self.assertEqual(
+            [s.status for s in streams], [200, 400, 414, 431, 431, 400, 413, 200]
+        )
+        self.assertEqual([r.uri for r in self.app.requests], [b"/first", b"/last"])
+        self.assertTrue(self.app_backend_in_rotation())
+
+    def app_backend_in_rotation(self):
+        service = self.services[-1]
+        return all(b.in_rotation for b in service.pools["p"].backends)
+
+    def tls_balancer(self, *args, **kwargs):
+        service, port = super().tls_balancer(*args, **kwargs)
+        self.services = [*getattr(self, "services", []), service]
+        return service, port
+
+    @inlineCallbacks
+    def test_invalid_methods_never_eject_a_backend(self):
+        _, port = self.tls_balancer()
+        context = self.certs.client_context(alpn=["h2"])
+        streams = yield h2_streams(
+            port, context, "a.example.test", [(self.head(port, method="G(T"), b"")] * 5
+        )
+        self.assertEqual({s.status for s in streams}, {400})
+        self.assertTrue(self.app_backend_in_rotation())
+        self.assertEqual(self.app.requests, [])
+
+    @inlineCallbacks
+    def test_slow_body_stream_reset_by_deadline(self):
+        _, port = self.tls_balancer(lb_options="client_body_timeout = 300ms")
+        context = self.certs.client_context(alpn=["h2"])
+        streams = yield h2_streams(
+            port,
+            context,
+            "a.example.test",
+            [(self.head(port, "/up", "POST"), None), (self.head(port, "/fine"), b"")],
+            deadline=5,
+        )
+        self.assertTrue(streams[0].reset)
+        self.assertEqual(streams[1].status, 200)
+        self.assertEqual([r.uri for r in self.app.requests], [b"/fine"])

@@ -222,3 +222,86 @@ def h2_request(
     return threads.deferToThread(
         _h2_request, port, context, server_name, path, method, extra or [], body
     )
+
+
+@dataclass
+class H2Stream:
+    """
+    One stream's outcome: status, headers, body, and whether it was reset.
+    """
+
+    status: int = 0
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes = b""
+    reset: bool = False
+    ended: bool = False
+
+
+def _h2_streams(
+    port: int,
+    context: ssl.SSLContext,
+    server_name: str,
+    requests: list[tuple[list[tuple[str, str]], bytes | None]],
+    deadline: float,
+) -> list[H2Stream]:
+    """
+    Several requests as streams of one HTTP/2 connection; each request is
+    its full header list (pseudo-headers included) and a body, C{None} for
+    a body that never ends.
+    """
+    raw = socket.create_connection(("127.0.0.1", port), timeout=deadline)
+    with raw, context.wrap_socket(raw, server_hostname=server_name) as tls:
+        connection = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, validate_outbound_headers=False)
+        )
+        connection.initiate_connection()
+        streams: dict[int, H2Stream] = {}
+        for headers, body in requests:
+            stream_id = connection.get_next_available_stream_id()
+            streams[stream_id] = H2Stream()
+            connection.send_headers(stream_id, headers, end_stream=body == b"")
+            if body:
+                connection.send_data(stream_id, body, end_stream=True)
+            elif body is None:
+                connection.send_data(stream_id, b"x")
+        tls.sendall(connection.data_to_send())
+        while not all(s.ended or s.reset for s in streams.values()):
+            try:
+                data = tls.recv(65536)
+            except TimeoutError:
+                break
+            if not data:
+                break
+            for event in connection.receive_data(data):
+                stream = streams.get(getattr(event, "stream_id", 0))
+                if stream is None:
+                    continue
+                if isinstance(event, h2.events.ResponseReceived):
+                    for name, value in event.headers:
+                        if name == b":status":
+                            stream.status = int(value)
+                        else:
+                            stream.headers.append((name.decode(), value.decode()))
+                elif isinstance(event, h2.events.DataReceived):
+                    stream.body += event.data
+                    connection.acknowledge_received_data(
+                        event.flow_controlled_length, event.stream_id
+                    )
+                elif isinstance(event, h2.events.StreamEnded):
+                    stream.ended = True
+                elif isinstance(event, h2.events.StreamReset):
+                    stream.reset = True
+            tls.sendall(connection.data_to_send())
+        return list(streams.values())
+
+
+def h2_streams(
+    port: int,
+    context: ssl.SSLContext,
+    server_name: str,
+    requests: list[tuple[list[tuple[str, str]], bytes | None]],
+    deadline: float = CLIENT_TIMEOUT,
+) -> Deferred[list[H2Stream]]:
+    return threads.deferToThread(
+        _h2_streams, port, context, server_name, requests, deadline
+    )
