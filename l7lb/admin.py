@@ -16,7 +16,8 @@ The admin API: JSON in and out, every request with C{Authorization: Bearer
 Changes are configuration sections edited on top of the file, validated as
 C{--check} validates the file (the same messages come back with a 400, and
 nothing is applied), saved to C{state_file}, and applied at once without
-dropping a request. ID is a backend's C{host:port} or its URL.
+dropping a request. ID is a backend's C{host:port} or its URL,
+percent-encoded.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ class ConnectionCounts:
         self.refused = 0
         self._warned = False
         self._drained: list[Deferred[None]] = []
+        self._closed: list[Deferred[None]] = []
 
     def admits(self, addr: IAddress | None, limits: LBConfig) -> bool:
         host: str = getattr(addr, "host", "") or ""
@@ -79,6 +80,10 @@ class ConnectionCounts:
             if self.by_address[host] <= 0:
                 del self.by_address[host]
         self.metrics.connections_open -= 1
+        if not self.open:
+            waiting, self._closed = self._closed, []
+            for d in waiting:
+                d.callback(None)
 
     def close_all_when_done(self) -> None:
         for connection in list(self.open):
@@ -91,6 +96,17 @@ class ConnectionCounts:
     def when_drained(self) -> Deferred[None]:
         d: Deferred[None] = Deferred()
         self._drained.append(d)
+        return d
+
+    def when_closed(self) -> Deferred[None]:
+        """
+        Fires once no connection is open.
+        """
+        d: Deferred[None] = Deferred()
+        if self.open:
+            self._closed.append(d)
+        else:
+            d.callback(None)
         return d
 
     def drained(self) -> None:

@@ -159,6 +159,11 @@ class BalancerCollector(Collector):
 
     def _state_families(self) -> Iterator[Any]:
         pools, policies = self.state()
+        total = GaugeMetricFamily(
+            "l7lb_requests_in_flight", "Requests being forwarded to backends now."
+        )
+        total.add_metric([], sum(pool.inflight for pool in pools.values()))
+        yield total
         up = GaugeMetricFamily(
             "l7lb_backend_up",
             "1 when the backend is in rotation, else 0.",

@@ -16,6 +16,7 @@ C{drain_timeout} to finish, then everything else stops.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -153,6 +154,13 @@ class BalancerService(MultiService):
     def tls_listeners(self) -> list[ListenerService]:
         return [s for (kind, _), s in self._listeners.items() if kind == "tls"]
 
+    @property
+    def admin_listener(self) -> ListenerService | None:
+        for (kind, _), listener in self._listeners.items():
+            if kind == "admin":
+                return listener
+        return None
+
     def https_port(self) -> int | None:
         """
         The port of the first TLS listener, where plain-HTTP requests to a
@@ -274,27 +282,48 @@ class BalancerService(MultiService):
             site.connections.close_all_when_done()
             if site.requests_in_flight:
                 busy.append(site.connections.when_drained())
+        timeout = self.runtime.config.lb.drain_timeout if self.runtime.config else 30.0
         if busy:
-            timeout = (
-                self.runtime.config.lb.drain_timeout if self.runtime.config else 30.0
-            )
             log.info(
                 "draining {count} requests (up to {timeout}s)",
                 count=sum(site.requests_in_flight for site in sites),
                 timeout=timeout,
             )
-            waiting = DeferredList(busy)
-            waiting.addTimeout(timeout, self.reactor)
-            try:
-                yield waiting
-            except Exception:
+            drained = yield _within(
+                DeferredList(busy, consumeErrors=True), timeout, self.reactor
+            )
+            if not drained:
                 log.warn(
                     "drain timeout: closing {count} requests still under way",
                     count=sum(site.requests_in_flight for site in sites),
                 )
+                for site in sites:
+                    site.connections.abort_all()
+        # What is left is closing after its last answer: let it flush.
+        closing = [site.connections.when_closed() for site in sites]
+        yield _within(DeferredList(closing, consumeErrors=True), 2.0, self.reactor)
         for site in sites:
             site.connections.abort_all()
         yield self.runtime.stop()
+
+
+@inlineCallbacks
+def _within(d: Deferred[Any], seconds: float, clock: Any) -> Any:
+    """
+    Wait for C{d} at most C{seconds}: True if it fired in time.
+    """
+    timed_out = []
+
+    def expire() -> None:
+        timed_out.append(True)
+        d.cancel()
+
+    timer = clock.callLater(seconds, expire)
+    with contextlib.suppress(Exception):
+        yield d
+    if timer.active():
+        timer.cancel()
+    return not timed_out
 
 
 def build(

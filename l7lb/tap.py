@@ -78,9 +78,17 @@ def makeService(options: Options) -> IService:
 def _reload_on_hangup(reactor: Any, service: BalancerService) -> None:
     """
     SIGHUP reloads the configuration (C{systemctl reload}, C{kill -HUP}).
+    SIGTERM and SIGINT stop gracefully (see L{BalancerService.stopService})
+    and exit 0, where twistd would re-raise the signal and exit with it.
     """
 
     def hangup(signum: int, frame: object) -> None:
         reactor.callFromThread(service.reload)
 
+    def stop(signum: int, frame: object) -> None:
+        log.info("received signal {signal}: stopping", signal=signum)
+        reactor.callFromThread(reactor.stop)
+
     signal.signal(signal.SIGHUP, hangup)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)

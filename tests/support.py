@@ -251,8 +251,9 @@ class FakeBackend:
 
     def stop(self) -> Deferred[None]:
         for request in self.hanging:
-            if request.channel is not None:
-                request.channel.transport.abortConnection()
+            channel = getattr(request, "channel", None)
+            if channel is not None:
+                channel.transport.abortConnection()
         return self.listening.stopListening()  # type: ignore[no-any-return]
 
 

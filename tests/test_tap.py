@@ -147,3 +147,75 @@ class PluginTests(SynchronousTestCase):
             result.stderr,
         )
         self.assertEqual(len(result.stderr.splitlines()), 1)
+
+
+class SignalTests(SynchronousTestCase):
+    """
+    The installed twistd plugin, as systemd runs it: SIGHUP reloads,
+    SIGTERM stops cleanly (exit 0).
+    """
+
+    def test_hup_reloads_and_term_stops(self):
+        import http.client
+        import signal
+        import socket
+        import time
+
+        twistd = shutil.which("twistd", path=os.path.dirname(sys.executable))
+        if twistd is None:
+            self.skipTest("twistd is not installed next to this Python")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            dead = s.getsockname()[1]
+        base = textwrap.dedent(
+            f"""
+            [lb]
+            listen = tcp:{port}:interface=127.0.0.1
+            access_log = off
+            [pool:p]
+            servers = http://127.0.0.1:{dead}
+            retries = 0
+            [route:a]
+            path_prefix = /a
+            pool = p
+            """
+        )
+        path = os.path.abspath(write(self, base))
+        process = subprocess.Popen(
+            [twistd, "--nodaemon", "--pidfile=", "l7lb", "--config", path],
+            cwd=os.path.dirname(path),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+
+        def status(target: str) -> int | None:
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                connection.request("GET", target)
+                return connection.getresponse().status
+            except OSError:
+                return None
+
+        def poll(predicate, seconds=20.0):
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                if predicate():
+                    return True
+                time.sleep(0.05)
+            return False
+
+        self.assertTrue(poll(lambda: status("/b") == 404))
+        self.assertEqual(status("/a"), 502)
+        with open(path, "a") as f:
+            f.write("[route:b]\npath_prefix = /b\npool = p\n")
+        process.send_signal(signal.SIGHUP)
+        self.assertTrue(poll(lambda: status("/b") == 502))
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(timeout=20), 0)
+        output = process.stdout.read().decode() if process.stdout else ""
+        self.assertIn("configuration reloaded", output)
