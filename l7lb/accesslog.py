@@ -17,10 +17,10 @@ import sys
 import time
 from typing import IO, TYPE_CHECKING
 
-from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 
 if TYPE_CHECKING:
-    from l7lb.site import BalancerRequest
+    from l7lb.request import ClientRequest
 
 _PRINTABLE = bytes(range(0x21, 0x7F)).replace(b'"', b"").replace(b"\\", b"")
 
@@ -35,11 +35,6 @@ def _escape(value: bytes) -> bytes:
         bytes((byte,)) if bytes((byte,)) in _PRINTABLE else b"\\x%02x" % byte
         for byte in value
     )
-
-
-def _host(address: IAddress | None) -> bytes:
-    host = getattr(address, "host", None)
-    return host.encode("ascii", "replace") if isinstance(host, str) else b"-"
 
 
 class AccessLog:
@@ -94,7 +89,7 @@ class AccessLog:
             ).encode()
         return b"%s.%03dZ" % (self._stamp, int((now - second) * 1000))
 
-    def log(self, request: BalancerRequest) -> None:
+    def log(self, request: ClientRequest) -> None:
         if self._out is None:
             return
         now = self._clock.seconds()
@@ -106,9 +101,9 @@ class AccessLog:
             request.client_address.encode("ascii", "replace"),
             _escape(request.method or b"-"),
             _escape(request.uri or b"-"),
-            _escape(request.clientproto or b"-"),
+            _escape(request.version or b"-"),
             request.code,
-            request.sentLength,
+            request.sent_length,
             max(0.0, now - request.started),
             request.route_name.encode(),
             request.backend_address.encode(),
@@ -118,15 +113,15 @@ class AccessLog:
             line += b' end="%s"' % request.note.encode()
         self._out.write(line + b"\n")
 
-    def _json_line(self, request: BalancerRequest, now: float) -> bytes:
+    def _json_line(self, request: ClientRequest, now: float) -> bytes:
         record = {
             "time": self._timestamp(now).decode(),
             "client": request.client_address,
             "method": _text(request.method),
             "target": _text(request.uri),
-            "protocol": _text(request.clientproto),
+            "protocol": _text(request.version),
             "status": request.code,
-            "bytes": request.sentLength,
+            "bytes": request.sent_length,
             "duration": round(max(0.0, now - request.started), 6),
             "route": request.route_name,
             "pool": request.pool_name,
@@ -137,7 +132,7 @@ class AccessLog:
             record["end"] = request.note
         return json.dumps(record, separators=(",", ":")).encode() + b"\n"
 
-    def log_refusal(self, peer: IAddress | None, status: int) -> None:
+    def log_refusal(self, host: str, status: int) -> None:
         """
         A request refused before it could be read (its line was too long).
         """
@@ -147,7 +142,7 @@ class AccessLog:
         if self._json:
             record = {
                 "time": self._timestamp(now).decode(),
-                "client": _host(peer).decode(),
+                "client": host or "-",
                 "status": status,
                 "end": "refused",
             }
@@ -155,7 +150,7 @@ class AccessLog:
             return
         self._out.write(
             b'%s %s "- - -" %d 0 0.000 route=- backend=- id=- end="refused"\n'
-            % (self._timestamp(now), _host(peer), status)
+            % (self._timestamp(now), (host or "-").encode("ascii", "replace"), status)
         )
 
     def flush(self) -> None:

@@ -18,35 +18,35 @@ from collections.abc import Iterable, Sequence
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.http import datetimeToString
-from twisted.web.http_headers import Headers
 
-# Twisted's Headers store names in this canonical capitalisation.
+from l7lb.fields import Fields
+
 HOP_BY_HOP = frozenset(
     {
-        b"Connection",
-        b"Keep-Alive",
-        b"Proxy-Connection",
-        b"TE",
-        b"Trailer",
-        b"Transfer-Encoding",
-        b"Upgrade",
-        b"Proxy-Authorization",
-        b"Proxy-Authenticate",
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authorization",
+        b"proxy-authenticate",
     }
 )
 # Never forwarded from the client as sent: l7lb frames the body itself, has
 # already answered any Expect, and writes these forwarding headers itself.
 _REQUEST_DROPPED = HOP_BY_HOP | {
-    b"Content-Length",
-    b"Expect",
-    b"X-Forwarded-For",
-    b"X-Forwarded-Proto",
-    b"X-Forwarded-Host",
-    b"Forwarded",
-    b"Via",
-    b"X-Request-Id",
+    b"content-length",
+    b"expect",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+    b"forwarded",
+    b"via",
+    b"x-request-id",
 }
-_RESPONSE_DROPPED = HOP_BY_HOP | {b"Content-Length", b"Via", b"X-Request-Id"}
+_RESPONSE_DROPPED = HOP_BY_HOP | {b"content-length", b"via", b"x-request-id"}
 # The Connection header may not remove what the message cannot do without.
 _PROTECTED = frozenset({b"host", b"content-length"})
 
@@ -94,89 +94,86 @@ def _forwarded_value(value: bytes) -> bytes:
     return b'"%s"' % value.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
 
 
-def upstream_request_headers(
-    incoming: Headers,
+def upstream_request_fields(
+    incoming: Fields,
     *,
     client_ip: str,
     trusted_peer: bool,
     proto: bytes,
     via: bytes,
     request_id: bytes,
-) -> Headers:
+) -> list[tuple[bytes, bytes]]:
     """
-    The headers to send the backend for a client request.
+    The header fields to send the backend for a client request, in order:
+    the client's own (as spelled) and then l7lb's forwarding headers.
     """
-    raw = incoming._rawHeaders
-    dropped = connection_tokens(raw.get(b"Connection"))
-    out: dict[bytes, list[bytes]] = {}
-    for name, values in raw.items():
-        if name in _REQUEST_DROPPED or (dropped and name.lower() in dropped):
+    index = incoming.index
+    dropped = connection_tokens(index.get(b"connection"))
+    out = []
+    for item in incoming.items:
+        name = item[0]
+        lowered = name.lower()
+        if lowered in _REQUEST_DROPPED or (dropped and lowered in dropped):
             continue
         if b"_" in name:
             # X_Forwarded_For must not pass for X-Forwarded-For with backends
             # that map both to the same variable (CGI, WSGI, PHP).
             continue
-        out[name] = list(values)
+        out.append(item)
 
     client = client_ip.encode()
-    host_values = raw.get(b"Host")
+    host_values = index.get(b"host")
     host = host_values[0] if host_values else None
-    prior = raw if trusted_peer else {}
+    prior: dict[bytes, list[bytes]] = index if trusted_peer else {}
 
-    forwarded_for = prior.get(b"X-Forwarded-For")
-    out[b"X-Forwarded-For"] = [
-        b", ".join([*forwarded_for, client]) if forwarded_for else client
-    ]
-    out[b"X-Forwarded-Proto"] = list(prior.get(b"X-Forwarded-Proto") or [proto])
-    forwarded_host = prior.get(b"X-Forwarded-Host") or ([host] if host else None)
-    if forwarded_host:
-        out[b"X-Forwarded-Host"] = list(forwarded_host)
+    forwarded_for = prior.get(b"x-forwarded-for")
+    out.append(
+        (
+            b"X-Forwarded-For",
+            b", ".join([*forwarded_for, client]) if forwarded_for else client,
+        )
+    )
+    for value in prior.get(b"x-forwarded-proto") or (proto,):
+        out.append((b"X-Forwarded-Proto", value))
+    for value in prior.get(b"x-forwarded-host") or ((host,) if host else ()):
+        out.append((b"X-Forwarded-Host", value))
 
     element = b"for=" + _forwarded_node(client_ip)
     if host:
         element += b";host=" + _forwarded_value(host)
     element += b";proto=" + proto
-    earlier = prior.get(b"Forwarded")
-    out[b"Forwarded"] = [b", ".join([*earlier, element]) if earlier else element]
-
-    out[b"Via"] = [_append(raw.get(b"Via"), via)]
-    out[b"X-Request-Id"] = [request_id]
-    headers = Headers()
-    headers._rawHeaders = out
-    return headers
+    earlier = prior.get(b"forwarded")
+    out.append((b"Forwarded", b", ".join([*earlier, element]) if earlier else element))
+    out.append((b"Via", _append(index.get(b"via"), via)))
+    out.append((b"X-Request-Id", request_id))
+    return out
 
 
-def downstream_response_headers(
-    incoming: Headers,
-    connection: Sequence[bytes] | None,
+def downstream_response_fields(
+    incoming: Fields,
     *,
     via: bytes,
     request_id: bytes,
-    content_length: bytes | None,
     additions: Sequence[tuple[bytes, bytes]] = (),
-) -> Headers:
+) -> list[tuple[bytes, bytes]]:
     """
-    The headers to send the client for a backend response. C{connection} is
-    the backend's Connection header, C{content_length} its Content-Length
-    when the body is length-delimited; C{additions} are l7lb's own headers
-    for this response (Strict-Transport-Security, RateLimit, Set-Cookie...).
+    The header fields to send the client for a backend response, framing
+    aside (the client side frames the body itself). C{additions} are l7lb's
+    own headers for this response (Strict-Transport-Security, RateLimit,
+    Set-Cookie...).
     """
-    raw = incoming._rawHeaders
-    dropped = connection_tokens(connection)
-    out: dict[bytes, list[bytes]] = {}
-    for name, values in raw.items():
-        if name in _RESPONSE_DROPPED or (dropped and name.lower() in dropped):
+    index = incoming.index
+    dropped = connection_tokens(index.get(b"connection"))
+    out = []
+    for item in incoming.items:
+        lowered = item[0].lower()
+        if lowered in _RESPONSE_DROPPED or (dropped and lowered in dropped):
             continue
-        out[name] = list(values)
-    if content_length is not None:
-        out[b"Content-Length"] = [content_length]
-    out[b"Via"] = [_append(raw.get(b"Via"), via)]
-    out[b"X-Request-Id"] = [request_id]
-    for name, value in additions:
-        out.setdefault(name, []).append(value)
-    headers = Headers()
-    headers._rawHeaders = out
-    return headers
+        out.append(item)
+    out.append((b"Via", _append(index.get(b"via"), via)))
+    out.append((b"X-Request-Id", request_id))
+    out.extend(additions)
+    return out
 
 
 def _append(values: Iterable[bytes] | None, item: bytes) -> bytes:

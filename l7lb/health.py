@@ -12,18 +12,71 @@ from typing import Any, Protocol, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import (
+    IPushProducer,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
-from twisted.web.iweb import IResponse
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    ResponseDone,
+    _HTTP11ClientFactory,
+)
+from twisted.web.iweb import IAgentEndpointFactory, IResponse
+from zope.interface import implementer
 
 from l7lb.config import HealthCheckConfig
 from l7lb.errors import describe_failure
 from l7lb.pool import Backend
 from l7lb.units import format_duration
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """
+    Twisted's client factory without a log line for every new connection.
+    """
+
+    noisy = False
+
+
+def quiet_pool(reactor: Any, persistent: bool) -> HTTPConnectionPool:
+    """
+    A connection pool for probes that does not log each connection it opens.
+    """
+    pool = HTTPConnectionPool(reactor, persistent=persistent)
+    pool._factory = _QuietClientFactory
+    return pool
+
+
+@implementer(IAgentEndpointFactory)
+class _FixedEndpoint:
+    """
+    Every request of an agent goes to one prepared endpoint, so the agent
+    neither re-parses nor re-resolves the backend's address per request.
+    """
+
+    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
+        self._endpoint = endpoint
+
+    def endpointForURI(self, uri: object) -> IStreamClientEndpoint:
+        return self._endpoint
+
+
+def fixed_agent(
+    reactor: Any, endpoint: IStreamClientEndpoint, pool: HTTPConnectionPool
+) -> Agent:
+    """
+    An agent (for treq) whose every request goes to C{endpoint}.
+    """
+    agent: Agent = Agent.usingEndpointFactory(
+        reactor, _FixedEndpoint(endpoint), pool=pool
+    )
+    return agent
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,74 +4,40 @@ The forwarding path: one client request sent to a backend of its pool and
 the answer streamed back.
 
 The response body is relayed as it arrives, with back-pressure: the
-backend's connection is registered as the producer of the client's
-response, so a slow client pauses the read from the backend instead of
-growing a buffer. A client that goes away aborts the backend request. A
-backend that fails mid-body closes the client connection, so a cut-short
-response never looks complete. A backend that refuses or resets before
-answering gets the request retried once on another backend in rotation,
-when that is safe (nothing was sent, or the method is idempotent).
+exchange is the producer of the client's response, so a slow client pauses
+the read from the backend instead of growing a buffer. A client that goes
+away abandons the backend request. A backend that fails mid-body makes the
+client's connection close (or its HTTP/2 stream reset), so a cut-short
+response never looks complete. A backend that refuses or fails before
+answering gets the request retried on another backend in rotation, within
+the pool's retries and retry budget, when that is safe (nothing was sent,
+or the method is idempotent).
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Sequence
-from typing import IO, Any, TypeVar, cast
-
-from twisted.internet.defer import Deferred, fail
-from twisted.internet.error import ConnectError, ConnectingCancelledError
-from twisted.internet.error import TimeoutError as ConnectTimeout
-from twisted.internet.interfaces import (
-    IConsumer,
-    IDelayedCall,
-    IPushProducer,
-    IReactorTime,
-)
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import (
-    RequestTransmissionFailed,
-    ResponseDone,
-    ResponseNeverReceived,
-)
-from twisted.web.http import NO_BODY_CODES, PotentialDataLoss
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from l7lb.errors import describe_failure
-from l7lb.headers import downstream_response_headers, upstream_request_headers
+from l7lb.deadlines import NEVER, Deadlines
+from l7lb.headers import downstream_response_fields, upstream_request_fields
 from l7lb.pool import Backend, Pool, Waiter
-from l7lb.site import BalancerRequest
+from l7lb.request import ClientRequest
 from l7lb.trust import TrustedProxies
-from l7lb.upstream import connection_headers
+from l7lb.upstream import (
+    IDEMPOTENT,
+    Call,
+    ConnectFailed,
+    NoResponse,
+    ResponseHead,
+    UpstreamError,
+    UpstreamRequest,
+)
 
 
-def _guarded(method: _M) -> _M:
-    """
-    A bug in l7lb while handling one exchange costs that exchange (a 500, or
-    the connection when the response has begun) and one logged traceback;
-    it never reaches the reactor or another request.
-    """
-
-    @functools.wraps(method)
-    def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return method(self, *args, **kwargs)
-        except Exception:
-            exchange = getattr(self, "exchange", self)
-            exchange.request.processingFailed(Failure())
-            return None
-
-    return cast(_M, guarded)
-
-
-_M = TypeVar("_M", bound=Callable[..., Any])
-
-
-class _LocalError(Exception):
+class _LocalError(UpstreamError):
     """
     The upstream client refused the request before sending anything.
     """
@@ -81,200 +47,56 @@ class _LocalError(Exception):
         self.failure = failure
 
 
-# RFC 9110 section 9.2.2: a request that may be sent twice.
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-
-
-@implementer(IBodyProducer)
-class BufferedBody:
-    """
-    The client's request body, already received in full (in memory, or in a
-    temporary file when large), sent with a Content-Length of l7lb's own.
-    Writes stop while the backend's socket is full. Each attempt gets a
-    producer of its own over the same content, so a retry can replay it
-    while the failed attempt's producer is being stopped.
-    """
-
-    def __init__(self, content: IO[bytes], length: int) -> None:
-        self.content = content
-        self.length = length
-        self._consumer: IConsumer | None = None
-        self._done: Deferred[None] | None = None
-        self._paused = False
-        self._pumping = False
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        self.content.seek(0)
-        self._consumer = consumer
-        self._paused = False
-        self._done = done = Deferred[None]()
-        self._pump()
-        return done
-
-    def _pump(self) -> None:
-        if self._pumping:
-            return
-        self._pumping = True
-        try:
-            while not self._paused and self._done is not None:
-                if self.content.closed:  # the exchange is over
-                    self._done = None
-                    return
-                chunk = self.content.read(65536)
-                if not chunk:
-                    done, self._done = self._done, None
-                    done.callback(None)
-                    return
-                assert self._consumer is not None
-                self._consumer.write(chunk)
-        finally:
-            self._pumping = False
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._pump()
-
-    def stopProducing(self) -> None:
-        self._done = None
-
-
 @implementer(IPushProducer)
-class _ResponseRelay(Protocol):
-    """
-    Receives a backend's response body and writes it to the client. It is
-    the producer of the client's response: a slow client pauses the read
-    from the backend. Between body bytes the backend gets C{idle_timeout},
-    a clock that stops while the client is the one holding things up.
-    """
-
-    def __init__(self, exchange: _Exchange, backend: Backend) -> None:
-        self.exchange = exchange
-        self.backend = backend
-        self.idle: IDelayedCall | None = None
-        self.idled_out = False
-        self.paused = False
-
-    def connectionMade(self) -> None:
-        exchange = self.exchange
-        if exchange.client_gone:
-            return
-        exchange.request.registerProducer(self, True)
-        self._arm()
-
-    def _arm(self) -> None:
-        self.idle = self.exchange.forwarder.clock.callLater(
-            self.exchange.pool.config.idle_timeout, self._idled
-        )
-
-    def _disarm(self) -> None:
-        if self.idle is not None and self.idle.active():
-            self.idle.cancel()
-        self.idle = None
-
-    def _idled(self) -> None:
-        self.idle = None
-        self.idled_out = True
-        self.stopProducing()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.idle is not None:
-            self.idle.reset(self.exchange.pool.config.idle_timeout)
-        if not self.exchange.client_gone:
-            self.exchange.request.write(data)
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-        self._disarm()
-        if self.transport is not None:
-            cast(IPushProducer, self.transport).pauseProducing()
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        if self.idle is None and not self.idled_out:
-            self._arm()
-        if self.transport is not None:
-            cast(IPushProducer, self.transport).resumeProducing()
-
-    def stopProducing(self) -> None:
-        if self.transport is not None:
-            cast(IPushProducer, self.transport).stopProducing()
-
-    @_guarded
-    def connectionLost(self, reason: Failure = ResponseDone) -> None:  # type: ignore[assignment]
-        self._disarm()
-        exchange = self.exchange
-        exchange.relay = None
-        exchange.stop_body()
-        exchange.release(self.backend)
-        if exchange.client_gone:
-            return
-        request = exchange.request
-        request.unregisterProducer()
-        if reason.check(ResponseDone, PotentialDataLoss):
-            request.finish()
-            return
-        why = (
-            "no body bytes within the idle timeout"
-            if self.idled_out
-            else describe_failure(reason)
-        )
-        exchange.backend_failed(self.backend, f"failed mid-body: {why}")
-        if not request.startedWriting:
-            # Nothing has reached the client yet: it can still have a clean
-            # answer instead of a cut one.
-            request.respond_error(504 if self.idled_out else 502)
-        else:
-            request.abort("backend failed mid-body")
-
-
-class _Discard(Protocol):
-    """
-    Takes a response nobody will read and drops its connection.
-    """
-
-    def connectionMade(self) -> None:
-        cast(IPushProducer, self.transport).stopProducing()
-
-
 class _Exchange:
     """
     The life of one proxied request: choosing a backend (or waiting in the
     pool's queue for one), retries within the pool's budget, relaying the
     response, telling passive health how each attempt went, and tidying up
     if either side goes away.
+
+    Its deadline is the response timeout until the response head arrives,
+    then the idle timeout between body bytes, a clock that stops while the
+    client is the one holding things up.
     """
+
+    deadline = NEVER
+    backend: Backend | None = None
+    call: Call | None = None
+    waiter: Waiter | None = None
+    cookie: bytes | None = None
+    head_received = False
+    timed_out = False
+    retrying = False
+    client_left = False
+    paused = False
+    sent_at = 0.0
 
     def __init__(
         self,
         forwarder: Forwarder,
-        request: BalancerRequest,
+        request: ClientRequest,
         pool: Pool,
         target: bytes,
     ) -> None:
         self.forwarder = forwarder
         self.request = request
         self.pool = pool
-        self.method: bytes = request.method
-        self.target = target
-        self.body: BufferedBody | None = None
-        self.headers = forwarder.upstream_headers(request)
-        self.client_gone = False
-        self.pending: Deferred[IResponse] | None = None
-        self.timer: IDelayedCall | None = None
-        self.timed_out = False
-        self.relay: _ResponseRelay | None = None
+        self.method = request.method
+        self.upstream = UpstreamRequest(
+            request.method,
+            target,
+            forwarder.upstream_fields(request),
+            request.body,
+            request.body_size,
+        )
         self.tried: list[Backend] = []
-        self.retrying = False
-        self.waiter: Waiter | None = None
-        self.cookie: bytes | None = None
-        self.sent_at = 0.0
 
     def start(self) -> None:
-        self.request.notifyFinish().addErrback(self._client_gone)
+        self.request.exchange = self
         self._attempt(None)
+
+    # Choosing a backend
 
     def _attempt(self, failed_status: int | None) -> None:
         """
@@ -293,37 +115,25 @@ class _Exchange:
         else:
             self.request.respond_error(failed_status)
 
-    def _dispatch(self, backend: Backend) -> None:
-        pool = self.pool
-        self.tried.append(backend)
-        self.request.backend_address = backend.address
-        self.request.pool_name = pool.name
-        self.sent_at = self.forwarder.clock.seconds()
-        pool.acquire(backend)
-        if self.retrying:
-            pool.retries_inflight += 1
-        self.timed_out = False
-        self.timer = self.forwarder.clock.callLater(
-            pool.config.response_timeout, self._time_out
-        )
-        request = self.request
-        if request.body_size and request.content is not None:
-            self.body = BufferedBody(request.content, request.body_size)
-        try:
-            d = backend.client.request(
-                self.method, self.target, self.headers, self.body
+    def _choose(self) -> Backend | None:
+        """
+        The backend a sticky cookie names, if it can take the request;
+        otherwise the pool's strategy (and a cookie naming its choice).
+        """
+        pool, request = self.pool, self.request
+        cookie_name = pool.sticky_cookie
+        if cookie_name is not None:
+            token = request.cookies.get(cookie_name)
+            backend = pool.sticky_backend(token, self.tried)
+            if backend is not None:
+                return backend
+        key = request_key(pool.config.hash_key, request) if pool.hashes else None
+        backend = pool.choose(self.tried, key)
+        if cookie_name is not None and backend is not None:
+            self.cookie = _sticky_cookie(
+                cookie_name, pool.token_of[backend], request.scheme == b"https"
             )
-        except Exception:
-            # Refused before anything was sent: l7lb's doing, not the
-            # backend's, so passive health must not hear of it.
-            d = fail(_LocalError(Failure()))
-        self.pending = d
-        d.addCallbacks(
-            self._got_response,
-            self._failed,
-            callbackArgs=(backend,),
-            errbackArgs=(backend,),
-        )
+        return backend
 
     def _queue(self, failed_status: int | None) -> None:
         """
@@ -351,14 +161,46 @@ class _Exchange:
         if self.waiter is None:
             self.request.respond_error(503, {b"Retry-After": b"1"})
 
-    def release(self, backend: Backend) -> None:
+    def _dispatch(self, backend: Backend) -> None:
+        pool, request, forwarder = self.pool, self.request, self.forwarder
+        self.tried.append(backend)
+        self.backend = backend
+        request.backend_address = backend.address
+        request.pool_name = pool.name
+        pool.acquire(backend)
+        if self.retrying:
+            pool.retries_inflight += 1
+        self.timed_out = False
+        self.sent_at = now = forwarder.clock.seconds()
+        self.deadline = now + pool.config.response_timeout
+        forwarder.deadlines.watch(self)
+        attempt = len(self.tried)
+        try:
+            call = backend.client.send(self.upstream, self)
+        except Exception:
+            # Refused before anything was sent: l7lb's doing, not the
+            # backend's, so passive health must not hear of it.
+            self.response_failed(_LocalError(Failure()))
+            return
+        if self.backend is backend and len(self.tried) == attempt:
+            # Still this attempt (an in-memory client may have answered or
+            # failed already, inside send).
+            self.call = call
+
+    def _release(self) -> Backend | None:
         """
-        An attempt is over: its slot goes back (perhaps to a queued request).
+        The attempt is over: its slot goes back (perhaps to a queued request).
         """
+        self.forwarder.deadlines.unwatch(self)
+        self.call = None
+        backend, self.backend = self.backend, None
+        if backend is None:
+            return None
         if self.retrying:
             self.retrying = False
             self.pool.retries_inflight -= 1
         self.pool.release(backend)
+        return backend
 
     def backend_failed(self, backend: Backend, reason: str) -> None:
         self.forwarder.log.warn(
@@ -370,66 +212,100 @@ class _Exchange:
         if backend.passive is not None:
             backend.passive.failure(reason)
 
-    def _choose(self) -> Backend | None:
-        """
-        The backend a sticky cookie names, if it can take the request;
-        otherwise the pool's strategy (and a cookie naming its choice).
-        """
-        pool, request = self.pool, self.request
-        cookie_name = pool.sticky_cookie
-        token = None
-        if cookie_name is not None:
-            token = request.received_cookies.get(cookie_name)
-            backend = pool.sticky_backend(token, self.tried)
-            if backend is not None:
-                return backend
-        key = request_key(pool.config.hash_key, request) if pool.hashes else None
-        backend = pool.choose(self.tried, key)
-        if cookie_name is not None and backend is not None:
-            self.cookie = _sticky_cookie(
-                cookie_name, pool.token_of[backend], request.scheme == b"https"
+    # ResponseReceiver
+
+    def response_head(self, head: ResponseHead) -> None:
+        try:
+            self._relay_head(head)
+        except Exception:
+            self._internal_error()
+
+    def _relay_head(self, head: ResponseHead) -> None:
+        backend, request, forwarder = self.backend, self.request, self.forwarder
+        assert backend is not None
+        self.head_received = True
+        now = forwarder.clock.seconds()
+        request.upstream_seconds = backend.last_latency = now - self.sent_at
+        code = head.code
+        passive = backend.passive
+        if passive is not None:
+            if code >= 500 and self.pool.config.fail_on_5xx:
+                passive.failure(f"status {code}")
+            else:
+                passive.success()
+        fields = downstream_response_fields(
+            head.fields,
+            via=head.version + b" l7lb",
+            request_id=request.request_id,
+            additions=request.additions,
+        )
+        if self.cookie is not None:
+            fields.append((b"Set-Cookie", self.cookie))
+        if b"date" not in head.fields.index:
+            # RFC 9110 section 6.6.1: a recipient with a clock adds one.
+            fields.append((b"Date", request.site.date()))
+        content_length, bodiless = _framing(head, self.method)
+        request.start_response(code, head.reason, fields, content_length, bodiless)
+        self.deadline = now + self.pool.config.idle_timeout
+        request.register_producer(self)
+
+    def response_body(self, data: bytes) -> None:
+        if not self.paused:
+            self.deadline = (
+                self.forwarder.clock.seconds() + self.pool.config.idle_timeout
             )
-        return backend
+        try:
+            self.request.write(data)
+        except Exception:
+            self._internal_error()
 
-    def stop_body(self) -> None:
+    def response_end(self) -> None:
+        self._release()
+        request = self.request
+        try:
+            request.unregister_producer()
+            request.finish()
+        except Exception:
+            request.processing_failed(Failure())
+
+    def response_failed(self, error: UpstreamError) -> None:
+        try:
+            if self.head_received:
+                self._body_failed(str(error) or type(error).__name__, 502)
+            else:
+                self._attempt_failed(error)
+        except Exception:
+            self.request.processing_failed(Failure())
+
+    def _internal_error(self) -> None:
         """
-        Stop sending the request body: the backend has answered (perhaps
-        early, before reading it all), failed, or the client has gone.
+        A bug in l7lb while relaying: this exchange ends (a 500, or a cut
+        connection if the answer has begun), with one logged traceback.
         """
-        if self.body is not None:
-            self.body.stopProducing()
+        failure = Failure()
+        call = self.call
+        self._release()
+        if call is not None:
+            call.cancel()
+        self.request.processing_failed(failure)
 
-    def _time_out(self) -> None:
-        self.timer = None
-        self.timed_out = True
-        if self.pending is not None:
-            self.pending.cancel()
+    # Failures
 
-    def _settle(self) -> None:
-        self.pending = None
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    @_guarded
-    def _failed(self, failure: Failure, backend: Backend) -> None:
-        self._settle()
-        self.stop_body()
-        self.release(backend)
-        if self.client_gone:
+    def _attempt_failed(self, error: UpstreamError) -> None:
+        backend = self._release()
+        if self.client_left or backend is None:
             return
-        if isinstance(failure.value, _LocalError):
-            self.forwarder.log.failure(
-                "request could not be sent", failure.value.failure
-            )
-            self.request.respond_error(502)
+        request = self.request
+        if isinstance(error, _LocalError):
+            self.forwarder.log.failure("request could not be sent", error.failure)
+            request.respond_error(502)
             return
-        status, retry = self._judge(failure)
+        status, retry = self._judge(error)
         self.backend_failed(
             backend,
             "no response headers within the response timeout"
             if self.timed_out
-            else describe_failure(failure),
+            else f"{type(error).__name__}: {error}",
         )
         pool = self.pool
         if retry and len(self.tried) <= pool.config.retries and pool.may_retry():
@@ -437,73 +313,103 @@ class _Exchange:
             pool.retried += 1
             self._attempt(status)
         else:
-            self.request.respond_error(status)
+            request.respond_error(status)
 
-    def _judge(self, failure: Failure) -> tuple[int, bool]:
+    def _judge(self, error: UpstreamError) -> tuple[int, bool]:
         """
         The status for a failed attempt, and whether another backend may be
-        tried: always when nothing was sent, for an idempotent request when
-        the connection failed before any response byte arrived.
+        tried: always when no connection was made, for an idempotent request
+        when the connection failed before a response arrived.
         """
         if self.timed_out:
             return 504, False
-        if failure.check(ConnectTimeout):
-            return 504, True
-        if failure.check(ConnectError, ConnectingCancelledError):
-            return 502, True
-        if failure.check(ResponseNeverReceived, RequestTransmissionFailed):
+        if isinstance(error, ConnectFailed):
+            return (504 if error.timed_out else 502), True
+        if isinstance(error, NoResponse):
             return 502, self.method in IDEMPOTENT
         return 502, False
 
-    @_guarded
-    def _got_response(self, response: IResponse, backend: Backend) -> None:
-        self._settle()
-        latency = self.forwarder.clock.seconds() - self.sent_at
-        self.request.upstream_seconds = backend.last_latency = latency
-        if self.client_gone or not 100 <= response.code <= 599:
-            self.release(backend)
-            self.stop_body()
-            response.deliverBody(_Discard())
-            if not self.client_gone:
-                self.backend_failed(backend, f"invalid status {response.code}")
-                self.request.respond_error(502)
-            return
-        if backend.passive is not None:
-            if response.code >= 500 and self.pool.config.fail_on_5xx:
-                backend.passive.failure(f"status {response.code}")
-            else:
-                backend.passive.success()
+    def _body_failed(self, why: str, status: int) -> None:
+        backend = self._release()
         request = self.request
-        request.setResponseCode(response.code, response.phrase)
-        headers = request.responseHeaders = downstream_response_headers(
-            response.headers,
-            connection_headers(response).getRawHeaders(b"Connection"),
-            via=b"%d.%d l7lb" % response.version[1:],
-            request_id=request.request_id,
-            content_length=_content_length(response, self.method),
-            additions=request.additions,
-        )
-        if self.cookie is not None:
-            headers._rawHeaders.setdefault(b"Set-Cookie", []).append(self.cookie)
-        raw = headers._rawHeaders
-        if b"Date" not in raw:
-            # RFC 9110 section 6.6.1: a recipient with a clock adds one.
-            raw[b"Date"] = [request.site.date()]
-        if not request.keeps_alive:
-            raw[b"Connection"] = [b"close"]
-        self.relay = _ResponseRelay(self, backend)
-        response.deliverBody(self.relay)
+        request.unregister_producer()
+        if self.client_left:
+            return
+        if backend is not None:
+            self.backend_failed(backend, f"failed mid-body: {why}")
+        if not request.started_writing:
+            # Nothing has reached the client yet: it can still have a clean
+            # answer instead of a cut one.
+            request.respond_error(status)
+        else:
+            request.abort("backend failed mid-body")
 
-    def _client_gone(self, failure: Failure) -> None:
-        self.client_gone = True
-        self.stop_body()
+    # Deadlines
+
+    def expired(self) -> None:
+        call = self.call
+        self.call = None
+        if call is not None:
+            call.cancel()
+        if self.head_received:
+            self._body_failed("no body bytes within the idle timeout", 504)
+        else:
+            self.timed_out = True
+            self._attempt_failed(NoResponse("response timeout"))
+
+    # IPushProducer: the client's side of the relay
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self.deadline = NEVER
+        if self.call is not None:
+            self.call.pause()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if self.call is not None:
+            self.deadline = (
+                self.forwarder.clock.seconds() + self.pool.config.idle_timeout
+            )
+            self.call.resume()
+
+    def stopProducing(self) -> None:
+        self.client_left = True
+        call = self.call
+        self._release()
+        if call is not None:
+            call.cancel()
+
+    # The client went away
+
+    def client_gone(self) -> None:
+        """
+        The client is gone: whatever is under way for it stops.
+        """
+        self.client_left = True
         if self.waiter is not None:
             self.pool.cancel(self.waiter)
             self.waiter = None
-        if self.pending is not None:
-            self.pending.cancel()
-        if self.relay is not None:
-            self.relay.stopProducing()
+        call = self.call
+        self._release()
+        if call is not None:
+            call.cancel()
+
+
+def _framing(head: ResponseHead, method: bytes) -> tuple[bytes | None, bool]:
+    """
+    The Content-Length to relay and whether the response has no body: a
+    length-delimited body keeps its length; HEAD and 304 keep the
+    representation's, without a body.
+    """
+    if method == b"HEAD" or head.code == 304:
+        lengths = head.fields.index.get(b"content-length")
+        return (lengths[0] if lengths else None), True
+    if head.bodiless:
+        return None, True
+    if head.length is not None:
+        return b"%d" % head.length, False
+    return None, False
 
 
 def _sticky_cookie(name: bytes, token: bytes, secure: bool) -> bytes:
@@ -511,41 +417,20 @@ def _sticky_cookie(name: bytes, token: bytes, secure: bool) -> bytes:
     return value + b"; Secure" if secure else value
 
 
-def request_key(spec: str, request: BalancerRequest) -> bytes:
+def request_key(spec: str, request: ClientRequest) -> bytes:
     """
     What a hashing pool hashes: the client's address, a header's value or a
     cookie's (the client's address when the request has neither).
     """
     if spec.startswith("header:"):
-        values = request.requestHeaders.getRawHeaders(spec[7:].encode())
-        if values:
-            return values[0]
+        value = request.headers.first(spec[7:].encode())
+        if value:
+            return value
     elif spec.startswith("cookie:"):
-        cookie = request.received_cookies.get(spec[7:].encode())
+        cookie = request.cookies.get(spec[7:].encode())
         if cookie:
             return cookie
     return request.client_address.encode()
-
-
-def _content_length(response: IResponse, method: bytes) -> bytes | None:
-    """
-    The backend's Content-Length, relayed as sent when the body (or, for
-    HEAD and 304, the representation) is length-delimited.
-    """
-    if method == b"HEAD":
-        values: Sequence[bytes] | None = response.headers.getRawHeaders(
-            b"Content-Length"
-        )
-        return values[0] if values else None
-    framing = connection_headers(response)
-    if framing.hasHeader(b"Transfer-Encoding"):
-        return None
-    if response.code in NO_BODY_CODES:
-        values = framing.getRawHeaders(b"Content-Length")
-        return values[0] if values and response.code == 304 else None
-    if response.length is UNKNOWN_LENGTH:
-        return None
-    return b"%d" % response.length
 
 
 class Forwarder:
@@ -559,25 +444,26 @@ class Forwarder:
     def __init__(self, clock: IReactorTime, trusted: TrustedProxies) -> None:
         self.clock = clock
         self.trusted = trusted
+        self.deadlines = Deadlines.of(clock)
 
-    def forward(self, request: BalancerRequest, pool: Pool, target: bytes) -> None:
+    def forward(self, request: ClientRequest, pool: Pool, target: bytes) -> None:
         """
         Proxy C{request} to a backend of C{pool}, as C{target} (origin form).
         """
         _Exchange(self, request, pool, target).start()
 
-    def upstream_headers(self, request: BalancerRequest) -> Headers:
+    def upstream_fields(self, request: ClientRequest) -> list[tuple[bytes, bytes]]:
         client_ip = request.client_ip
-        headers = upstream_request_headers(
-            request.requestHeaders,
+        fields = upstream_request_fields(
+            request.headers,
             client_ip=client_ip,
             trusted_peer=self.trusted.contains(client_ip),
             proto=request.scheme,
-            via=request.clientproto[5:] + b" l7lb",
+            via=request.version[5:] + b" l7lb",
             request_id=request.request_id,
         )
-        if b"Host" not in headers._rawHeaders:
+        if b"host" not in request.headers.index:
             # An HTTP/1.0 request without Host: name what the client reached
             # (l7lb's own address), never the backend's internal one.
-            headers._rawHeaders[b"Host"] = [request.local_authority()]
-        return headers
+            fields.insert(0, (b"Host", request.local_authority()))
+        return fields

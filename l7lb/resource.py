@@ -20,8 +20,8 @@ from l7lb.paths import BadTarget, parse_target
 from l7lb.pool import Pool
 from l7lb.proxy import Forwarder
 from l7lb.ratelimit import RateLimiter
+from l7lb.request import ClientRequest
 from l7lb.routing import RouteMap, host_name, strip_prefix, valid_host
-from l7lb.site import BalancerRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +82,7 @@ class BalancerResource(Resource):
         self.https_port = https_port
         self.policies = policies or {}
 
-    def render(self, request: BalancerRequest) -> int:
+    def render(self, request: ClientRequest) -> int:
         verdict = request.admission or self.admit(request, request.method, request.uri)
         if isinstance(verdict, Refusal):
             request.respond_error(verdict.status, verdict.headers)
@@ -91,7 +91,7 @@ class BalancerResource(Resource):
         return NOT_DONE_YET
 
     def admit(
-        self, request: BalancerRequest, method: bytes, uri: bytes
+        self, request: ClientRequest, method: bytes, uri: bytes
     ) -> Admission | Refusal:
         """
         Decide what becomes of a request from its head alone: which pool and
@@ -105,10 +105,10 @@ class BalancerResource(Resource):
         return verdict
 
     def _decide(
-        self, request: BalancerRequest, method: bytes, uri: bytes
+        self, request: ClientRequest, method: bytes, uri: bytes
     ) -> Admission | Refusal:
-        headers = request.requestHeaders
-        request.request_id = request_id(headers.getRawHeaders(b"X-Request-Id"))
+        headers = request.headers
+        request.request_id = request_id(headers.index.get(b"x-request-id"))
         try:
             target = parse_target(uri)
             host = self._host(request, target.authority)
@@ -144,7 +144,7 @@ class BalancerResource(Resource):
         return Admission(self.pools[route.pool], target.forwarded(path))
 
     @staticmethod
-    def _spend_token(request: BalancerRequest, limiter: RateLimiter) -> Refusal | None:
+    def _spend_token(request: ClientRequest, limiter: RateLimiter) -> Refusal | None:
         """
         Spend a token of the request's bucket; a 429 when there is none.
         Either way the response says how much is left.
@@ -157,34 +157,34 @@ class BalancerResource(Resource):
         return Refusal(429, dict(fields[2:]))
 
     def _redirect(
-        self, request: BalancerRequest, host: bytes | None, target: bytes
+        self, request: ClientRequest, host: bytes | None, target: bytes
     ) -> Refusal:
         """
         308 to the same target on the TLS listener: the method and body are
         kept by the client, unlike with 301.
         """
-        name = host_name(host) if host else request.getHost().host.encode()
+        name = host_name(host) if host else request.local_address().host.encode()
         port = self.https_port()
         authority = name if port in (None, 443) else b"%s:%d" % (name, port)
         return Refusal(308, {b"Location": b"https://" + authority + target})
 
     @staticmethod
-    def _host(request: BalancerRequest, authority: bytes | None) -> bytes | None:
+    def _host(request: ClientRequest, authority: bytes | None) -> bytes | None:
         """
         The host a request is for: the authority of an absolute-form target
         (which then replaces Host, RFC 9112 section 3.2.2), else its one Host
         header. L{BadTarget} when HTTP/1.1's rules are broken (no Host, or
         several).
         """
-        headers = request.requestHeaders
+        headers = request.headers
         if authority is not None:
             if not valid_host(authority):
                 raise BadTarget("a malformed authority")
-            headers.setRawHeaders(b"Host", [authority])
+            headers.replace(b"Host", authority)
             return authority
-        hosts = headers.getRawHeaders(b"Host")
+        hosts = headers.index.get(b"host")
         if hosts is None:
-            if request.clientproto == b"HTTP/1.1":
+            if request.version == b"HTTP/1.1":
                 raise BadTarget("an HTTP/1.1 request without Host")
             return None
         if len(hosts) != 1:
@@ -194,7 +194,7 @@ class BalancerResource(Resource):
         return hosts[0] or None
 
 
-def limit_key(spec: str, request: BalancerRequest) -> str:
+def limit_key(spec: str, request: ClientRequest) -> str:
     """
     The bucket a request counts against: one for the route (C{global}), one
     per client address, or one per value of a header (per client address
@@ -204,7 +204,7 @@ def limit_key(spec: str, request: BalancerRequest) -> str:
     if spec == "global":
         return ""
     if spec != "client_ip":
-        values = request.requestHeaders.getRawHeaders(spec[7:].encode())
+        values = request.headers.get(spec[7:].encode())
         if values:
             if len(values) > 1:
                 # Which one would the backend believe? Refuse to guess.

@@ -13,9 +13,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from twisted.web.http_headers import Headers
-
 from l7lb.config import RouteConfig
+from l7lb.fields import Fields
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +32,7 @@ class _Rule:
     header: tuple[bytes, bytes] | None
 
     def matches(
-        self, method: bytes, host: bytes | None, path: bytes, headers: Headers
+        self, method: bytes, host: bytes | None, path: bytes, headers: Fields
     ) -> bool:
         if self.exact_host is not None and host != self.exact_host:
             return False
@@ -48,7 +47,7 @@ class _Rule:
         if self.methods is not None and method not in self.methods:
             return False
         if self.header is not None:
-            values = headers.getRawHeaders(self.header[0])
+            values = headers.get(self.header[0])
             if not values or self.header[1] not in values:
                 return False
         return True
@@ -105,7 +104,7 @@ class RouteMap:
         return tuple(rule.route for rule in self._rules)
 
     def match(
-        self, method: bytes, host: bytes | None, path: bytes, headers: Headers
+        self, method: bytes, host: bytes | None, path: bytes, headers: Fields
     ) -> RouteConfig | None:
         """
         The route for a request, or C{None}. C{host} is as L{host_name} gives

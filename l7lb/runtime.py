@@ -32,7 +32,7 @@ from l7lb.balancing import balancer_for
 from l7lb.certificates import expiry_warnings, load_certificate_file
 from l7lb.config import Config, LBConfig, PoolConfig, ServerConfig
 from l7lb.connlimit import ConnectionCounts
-from l7lb.health import HealthChecker, HTTPProbe, ProbeResult
+from l7lb.health import HealthChecker, HTTPProbe, ProbeResult, fixed_agent, quiet_pool
 from l7lb.metrics import Metrics
 from l7lb.outlier import PassiveHealth
 from l7lb.pool import UNLIMITED, Backend, Pool
@@ -43,13 +43,7 @@ from l7lb.routing import RouteMap
 from l7lb.site import BalancerSite
 from l7lb.tls import ServerTLS, tls_server_factory
 from l7lb.trust import TrustedProxies
-from l7lb.upstream import (
-    Upstream,
-    UpstreamClient,
-    client_endpoint,
-    fixed_agent,
-    quiet_pool,
-)
+from l7lb.upstream import Upstream, UpstreamClient, client_endpoint
 
 
 def _connection_settings(pool: PoolConfig, server: ServerConfig) -> tuple[Any, ...]:

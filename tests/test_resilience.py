@@ -15,8 +15,16 @@ from twisted.web.resource import Resource
 
 from l7lb.config import PoolConfig
 from l7lb.pool import MIN_RETRY_CONCURRENCY, Pool
+from l7lb.upstream import NoResponse
 from tests.test_balancing import backends
-from tests.twins import Hanging, InMemoryUpstream, MemoryBalancer, Refusing, status
+from tests.twins import (
+    Hanging,
+    InMemoryUpstream,
+    MemoryBalancer,
+    Refusing,
+    _MemoryCall,
+    status,
+)
 
 
 class Failing(Resource):
@@ -59,7 +67,7 @@ class CircuitBreakerTests(SynchronousTestCase):
         self.assertEqual(len(upstream.pending), 1)
         self.assertEqual(len(lb.pool.queue), 2)
         lb.clock.advance(4.0)
-        upstream.pending[0].errback(ConnectionError())  # the slot frees up
+        upstream.fail(0)  # the slot frees up
         # The first queued request took the slot; the other still waits.
         self.assertEqual(len(upstream.pending), 2)
         self.assertEqual(status(queued), None)
@@ -75,7 +83,7 @@ class CircuitBreakerTests(SynchronousTestCase):
         self.assertEqual(len(lb.pool.queue), 1)
         channel.connectionLost(ConnectionError())
         self.assertEqual(len(lb.pool.queue), 0)
-        # Only the first request's response timer is left: the wait's is gone.
+        # Only the deadlines' tick is left: the wait's timer is gone.
         self.assertEqual(len(lb.clock.getDelayedCalls()), 1)
 
     def test_pool_cap(self):
@@ -125,14 +133,10 @@ class RetryTests(SynchronousTestCase):
     def test_post_not_resent_after_written(self):
         # A reset after the request went out: only idempotent methods retry.
         class Resetting(Refusing):
-            def request(self, method, target, headers, body):
-                from twisted.internet.defer import fail
-                from twisted.internet.error import ConnectionLost
-                from twisted.python.failure import Failure
-                from twisted.web.client import ResponseNeverReceived
-
+            def send(self, request, receiver):
                 self.calls += 1
-                return fail(ResponseNeverReceived([Failure(ConnectionLost())]))
+                receiver.response_failed(NoResponse("Connection lost"))
+                return _MemoryCall()
 
         clients = [Resetting(), Resetting()]
         lb = MemoryBalancer(clients)
@@ -223,8 +227,9 @@ class PassiveHealthTests(SynchronousTestCase):
 class GuardTests(SynchronousTestCase):
     def test_a_bug_costs_one_request(self):
         class Broken:
-            def request(self, method, target, headers, body):
-                return succeed(object())  # not a response at all
+            def send(self, request, receiver):
+                receiver.response_head(object())  # not a response head at all
+                return _MemoryCall()
 
             def close(self):
                 return succeed(None)

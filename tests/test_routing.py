@@ -3,9 +3,9 @@ Route choice: every named condition must hold; the most specific route wins.
 """
 
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.http_headers import Headers
 
 from l7lb.config import RouteConfig
+from l7lb.fields import Fields
 from l7lb.routing import RouteMap, host_name, strip_prefix
 
 
@@ -15,7 +15,9 @@ def route(name: str, **conditions) -> RouteConfig:
 
 class MatchTests(SynchronousTestCase):
     def choose(self, routes, path=b"/", host=None, method=b"GET", headers=None):
-        matched = RouteMap(routes).match(method, host, path, Headers(headers or {}))
+        matched = RouteMap(routes).match(
+            method, host, path, Fields.from_dict(headers or {})
+        )
         return matched.name if matched else None
 
     def test_prefix_matches_at_segment_boundaries(self):
