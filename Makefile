@@ -35,7 +35,7 @@ typecheck: install
 	$(BIN)/mypy
 
 unit: install
-	$(BIN)/python -m twisted.trial --jobs 2 tests
+	$(BIN)/python -m twisted.trial --reactor=l7lb --jobs 2 tests
 
 test: lint typecheck unit
 

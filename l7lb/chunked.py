@@ -70,10 +70,13 @@ class ChunkedDecoder:
         line = self._line + data if self._line else data
         end = line.find(b"\r\n")
         if end < 0:
-            if len(line) > MAX_CHUNK_LINE:
+            # A CR at the very end may be the first half of the line's CRLF.
+            if len(line) > MAX_CHUNK_LINE + 1:
                 raise FramingError("chunk line too long")
             self._line = line
             return None, b""
+        if end > MAX_CHUNK_LINE:
+            raise FramingError("chunk line too long")
         self._line = b""
         found = line[:end]
         if b"\r" in found or b"\n" in found:

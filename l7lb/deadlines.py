@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from typing import Protocol
-from weakref import WeakKeyDictionary
+from weakref import WeakKeyDictionary, ref
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
@@ -44,7 +44,8 @@ class Deadlines:
     _registry: WeakKeyDictionary[IReactorTime, Deadlines] = WeakKeyDictionary()
 
     def __init__(self, clock: IReactorTime) -> None:
-        self.clock = clock
+        # Weakly: the registry must not keep a clock (and all it watches) alive.
+        self._clock = ref(clock)
         self.items: set[Watched] = set()
         self._tick: IDelayedCall | None = None
 
@@ -68,6 +69,12 @@ class Deadlines:
         items.discard(item)
         if not items:
             self.stop()
+
+    @property
+    def clock(self) -> IReactorTime:
+        clock = self._clock()
+        assert clock is not None, "the clock of live deadlines is gone"
+        return clock
 
     def _check(self) -> None:
         self._tick = None

@@ -21,19 +21,77 @@ TOKEN_BYTES = (
 # What a field value may hold (RFC 9110 section 5.5): visible characters,
 # space, tab and obs-text; anything else (NUL, CR, LF, other controls) is not.
 VALUE_BYTES = bytes([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])
+# The control characters a message head may not hold anywhere (CR and LF
+# only as the CRLF that ends a line, checked apart).
+_CONTROLS = bytes([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
+
+
+class FieldError(ValueError):
+    """
+    A message head that is not well-formed.
+    """
+
+
+def check_head(head: bytes) -> None:
+    """
+    L{FieldError} if C{head} (its lines joined by CRLF) holds a control
+    character, or a CR or LF that is not part of a CRLF: checked once for
+    the whole head, so each field needs no check of its own.
+    """
+    if len(head.translate(None, _CONTROLS)) != len(head):
+        raise FieldError("control character in the message head")
+    crlf = head.count(b"\r\n")
+    if head.count(b"\r") != crlf or head.count(b"\n") != crlf:
+        raise FieldError("bare CR or LF in the message head")
+
+
+def is_token(name: bytes) -> bool:
+    """
+    Whether C{name} is a token (RFC 9110 section 5.6.2): a field name, a
+    method.
+    """
+    if name.replace(b"-", b"").isalnum():  # the common case, quickly
+        return True
+    return bool(name) and not name.translate(None, TOKEN_BYTES)
+
+
+def parse_field_lines(lines: list[bytes]) -> Fields:
+    """
+    Header field lines, strictly: C{token ":" OWS value OWS}; no obs-fold
+    (a line that starts with a space is not a field). The head they come
+    from must have passed L{check_head}.
+    """
+    fields = Fields()
+    items, index = fields.items, fields.index
+    for line in lines:
+        name, colon, value = line.partition(b":")
+        if not colon or not is_token(name):
+            raise FieldError("malformed header field")
+        value = value.strip(b" \t")
+        items.append((name, value))
+        lowered = name.lower()
+        values = index.get(lowered)
+        if values is None:
+            index[lowered] = [value]
+        else:
+            values.append(value)
+    return fields
 
 
 class Fields:
     """
     Header fields: C{items} in arrival order, C{index} by lower-cased name.
-    Lookups are case-insensitive.
+    Lookups are case-insensitive. C{raw} holds the field lines exactly as
+    received (each ending in CRLF) while they are unchanged, so that they
+    can be forwarded without being serialised again.
     """
 
-    __slots__ = ("index", "items")
+    __slots__ = ("index", "items", "raw")
 
     def __init__(self) -> None:
         self.items: list[tuple[bytes, bytes]] = []
         self.index: dict[bytes, list[bytes]] = {}
+        self.raw: bytes | None = None
 
     @classmethod
     def of(cls, pairs: Iterable[tuple[bytes, bytes]]) -> Fields:
@@ -52,6 +110,7 @@ class Fields:
         )
 
     def add(self, name: bytes, value: bytes) -> None:
+        self.raw = None
         self.items.append((name, value))
         lowered = name.lower()
         values = self.index.get(lowered)
@@ -75,6 +134,7 @@ class Fields:
         Make C{value} the field's only value, where the field first was.
         """
         lowered = name.lower()
+        self.raw = None
         if lowered not in self.index:
             self.add(name, value)
             return

@@ -12,6 +12,8 @@ values are kept and extended. From anyone else they are replaced.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -69,15 +71,22 @@ def connection_tokens(values: Sequence[bytes] | None) -> frozenset[bytes]:
     return frozenset(tokens)
 
 
+# New request ids: 32 hex digits, a random prefix for this process and a
+# counter, unique without a system call per request.
+_ID_PREFIX = os.urandom(8).hex().encode("ascii")
+_id_counter = itertools.count(int.from_bytes(os.urandom(4), "big"))
+
+
 def request_id(values: Sequence[bytes] | None) -> bytes:
     """
     The client's X-Request-Id if it is one well-formed value, else a new one.
     """
     if values and len(values) == 1 and _REQUEST_ID.fullmatch(values[0]):
         return values[0]
-    return os.urandom(16).hex().encode("ascii")
+    return b"%s%016x" % (_ID_PREFIX, next(_id_counter))
 
 
+@functools.lru_cache(maxsize=4096)
 def _forwarded_node(ip: str) -> bytes:
     """
     An address as RFC 7239 writes it: IPv6 bracketed and quoted.
@@ -85,6 +94,7 @@ def _forwarded_node(ip: str) -> bytes:
     return b'"[%s]"' % ip.encode() if ":" in ip else ip.encode()
 
 
+@functools.lru_cache(maxsize=4096)
 def _forwarded_value(value: bytes) -> bytes:
     """
     A token stays bare; anything else becomes a quoted-string.
@@ -108,24 +118,109 @@ def upstream_request_fields(
     the client's own (as spelled) and then l7lb's forwarding headers.
     """
     index = incoming.index
-    dropped = connection_tokens(index.get(b"connection"))
-    out = []
-    for item in incoming.items:
-        name = item[0]
-        lowered = name.lower()
-        if lowered in _REQUEST_DROPPED or (dropped and lowered in dropped):
-            continue
-        if b"_" in name:
-            # X_Forwarded_For must not pass for X-Forwarded-For with backends
-            # that map both to the same variable (CGI, WSGI, PHP).
-            continue
-        out.append(item)
-
-    client = client_ip.encode()
+    out = _kept(incoming)
     host_values = index.get(b"host")
-    host = host_values[0] if host_values else None
-    prior: dict[bytes, list[bytes]] = index if trusted_peer else {}
+    out += _forwarding_fields(
+        client_ip,
+        host_values[0] if host_values else None,
+        proto,
+        _append(index.get(b"via"), via),
+        index if trusted_peer else {},
+    )
+    out.append((b"X-Request-Id", request_id))
+    return out
 
+
+def upstream_request_block(
+    incoming: Fields,
+    *,
+    client_ip: str,
+    trusted_peer: bool,
+    proto: bytes,
+    via: bytes,
+    request_id: bytes,
+) -> bytes:
+    """
+    L{upstream_request_fields} serialised, each line ending in CRLF. In the
+    common case (an untrusted client that sent nothing to drop) this is the
+    client's field lines as received, then a forwarding block made once per
+    client address and host.
+    """
+    raw = incoming.raw
+    if raw is not None and not trusted_peer and not _must_drop(incoming.index):
+        hosts = incoming.index.get(b"host")
+        forwarding = _forwarding_block(
+            client_ip, hosts[0] if hosts else None, proto, via
+        )
+        return b"%s%sX-Request-Id: %s\r\n" % (raw, forwarding, request_id)
+    fields = upstream_request_fields(
+        incoming,
+        client_ip=client_ip,
+        trusted_peer=trusted_peer,
+        proto=proto,
+        via=via,
+        request_id=request_id,
+    )
+    return serialise(fields)
+
+
+def serialise(fields: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """
+    Field lines as they go on the wire, each ending in CRLF.
+    """
+    return b"".join([b"%s: %s\r\n" % field for field in fields])
+
+
+def _must_drop(index: dict[bytes, list[bytes]]) -> bool:
+    """
+    Whether a request has fields that are not forwarded as sent.
+    """
+    return bool(index.keys() & _REQUEST_DROPPED) or b"_" in b"".join(index)
+
+
+def _kept(incoming: Fields) -> list[tuple[bytes, bytes]]:
+    """
+    The client's fields that go to the backend as they are.
+    """
+    index = incoming.index
+    drop = index.keys() & _REQUEST_DROPPED
+    connection = index.get(b"connection")
+    if connection:
+        drop.update(connection_tokens(connection))
+    if b"_" in b"".join(index):
+        # X_Forwarded_For must not pass for X-Forwarded-For with backends
+        # that map both to the same variable (CGI, WSGI, PHP).
+        drop.update(name for name in index if b"_" in name)
+    if drop:
+        return [item for item in incoming.items if item[0].lower() not in drop]
+    return incoming.items.copy()
+
+
+@functools.lru_cache(maxsize=4096)
+def _forwarding_block(
+    client_ip: str, host: bytes | None, proto: bytes, via: bytes
+) -> bytes:
+    """
+    The forwarding fields for a client that is not a trusted proxy, as
+    sent: the same for every request of a client to a host.
+    """
+    return serialise(_forwarding_fields(client_ip, host, proto, via, {}))
+
+
+def _forwarding_fields(
+    client_ip: str,
+    host: bytes | None,
+    proto: bytes,
+    via: bytes,
+    prior: dict[bytes, list[bytes]],
+) -> list[tuple[bytes, bytes]]:
+    """
+    X-Forwarded-For/-Proto/-Host, Forwarded and Via for a request from
+    C{client_ip} to C{host}; C{prior} holds what a trusted proxy in front
+    sent already (extended, or kept), and is empty for anyone else.
+    """
+    client = client_ip.encode()
+    out = []
     forwarded_for = prior.get(b"x-forwarded-for")
     out.append(
         (
@@ -137,15 +232,13 @@ def upstream_request_fields(
         out.append((b"X-Forwarded-Proto", value))
     for value in prior.get(b"x-forwarded-host") or ((host,) if host else ()):
         out.append((b"X-Forwarded-Host", value))
-
     element = b"for=" + _forwarded_node(client_ip)
     if host:
         element += b";host=" + _forwarded_value(host)
     element += b";proto=" + proto
     earlier = prior.get(b"forwarded")
     out.append((b"Forwarded", b", ".join([*earlier, element]) if earlier else element))
-    out.append((b"Via", _append(index.get(b"via"), via)))
-    out.append((b"X-Request-Id", request_id))
+    out.append((b"Via", via))
     return out
 
 
@@ -163,13 +256,14 @@ def downstream_response_fields(
     Set-Cookie...).
     """
     index = incoming.index
-    dropped = connection_tokens(index.get(b"connection"))
-    out = []
-    for item in incoming.items:
-        lowered = item[0].lower()
-        if lowered in _RESPONSE_DROPPED or (dropped and lowered in dropped):
-            continue
-        out.append(item)
+    drop = index.keys() & _RESPONSE_DROPPED
+    connection = index.get(b"connection")
+    if connection:
+        drop.update(connection_tokens(connection))
+    if drop:
+        out = [item for item in incoming.items if item[0].lower() not in drop]
+    else:
+        out = incoming.items.copy()
     out.append((b"Via", _append(index.get(b"via"), via)))
     out.append((b"X-Request-Id", request_id))
     out.extend(additions)

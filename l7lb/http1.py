@@ -35,7 +35,13 @@ from twisted.python.failure import Failure
 from l7lb import errors
 from l7lb.chunked import ChunkedDecoder, FramingError
 from l7lb.deadlines import NEVER, Deadlines
-from l7lb.fields import TOKEN_BYTES, VALUE_BYTES, Fields
+from l7lb.fields import (
+    FieldError,
+    Fields,
+    check_head,
+    is_token,
+    parse_field_lines,
+)
 from l7lb.headers import connection_tokens
 from l7lb.request import ClientRequest
 from l7lb.wire import write_now
@@ -81,30 +87,6 @@ class BadRequest(Exception):
         self.status = status
 
 
-class RequestHead:
-    """
-    A parsed request head and how its body is framed.
-    """
-
-    __slots__ = ("chunked", "fields", "length", "method", "target", "version")
-
-    def __init__(
-        self,
-        method: bytes,
-        target: bytes,
-        version: bytes,
-        fields: Fields,
-        length: int,
-        chunked: bool,
-    ) -> None:
-        self.method = method
-        self.target = target
-        self.version = version
-        self.fields = fields
-        self.length = length
-        self.chunked = chunked
-
-
 def parse_request_line(
     line: bytes, limits: LBConfig, request: ClientRequest | None = None
 ) -> tuple[bytes, bytes, bytes]:
@@ -122,41 +104,26 @@ def parse_request_line(
         raise BadRequest(414, "request target too long")
     if version not in _VERSIONS:
         raise BadRequest(400, "unsupported HTTP version")
-    if not method or method.translate(None, TOKEN_BYTES):
+    if not is_token(method):
         raise BadRequest(400, "malformed method")
-    if not target or target.translate(None, VALUE_BYTES) or b"\t" in target:
+    if not target or b"\t" in target:
         raise BadRequest(400, "malformed request target")
     return method, target, version
 
 
 def parse_fields(lines: list[bytes], limits: LBConfig) -> Fields:
     """
-    Header field lines, strictly: C{token ":" OWS value OWS}, no obs-fold.
+    Header field lines, strictly (see L{parse_field_lines}), within the
+    limits on their number and size.
     """
     if len(lines) > limits.max_headers:
         raise BadRequest(431, "too many header fields")
-    fields = Fields()
-    items, index = fields.items, fields.index
-    size = 0
-    for line in lines:
-        size += len(line) + 2
-        name, colon, value = line.partition(b":")
-        if not colon or not name or name.translate(None, TOKEN_BYTES):
-            # Also what a space before the colon or a folded line looks like.
-            raise BadRequest(400, "malformed header field")
-        value = value.strip(b" \t")
-        if value.translate(None, VALUE_BYTES):
-            raise BadRequest(400, "control character in a header field")
-        items.append((name, value))
-        lowered = name.lower()
-        values = index.get(lowered)
-        if values is None:
-            index[lowered] = [value]
-        else:
-            values.append(value)
-    if size > limits.max_header_size:
+    if sum(map(len, lines)) + 2 * len(lines) > limits.max_header_size:
         raise BadRequest(431, "header fields too large")
-    return fields
+    try:
+        return parse_field_lines(lines)
+    except FieldError as error:
+        raise BadRequest(400, str(error)) from None
 
 
 def body_framing(fields: Fields, version: bytes, limits: LBConfig) -> tuple[int, bool]:
@@ -443,7 +410,12 @@ class HTTP1Connection(Protocol):
         limits = self.limits
         request = self.request = HTTP1Request(self)
         version = parse_request_line(lines[0], limits, request)[2]
+        try:
+            check_head(head)
+        except FieldError as error:
+            raise BadRequest(400, str(error)) from None
         fields = request.headers = parse_fields(lines[1:], limits)
+        fields.raw = head[len(lines[0]) + 2 :] + b"\r\n" if len(lines) > 1 else b""
         length, chunked = body_framing(fields, version, limits)
         if version == b"HTTP/1.1":
             connection = fields.index.get(b"connection")

@@ -11,7 +11,7 @@ updates and no metric-library locking.
 
 from __future__ import annotations
 
-import bisect
+from bisect import bisect_left
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -39,7 +39,7 @@ class Histogram:
         self.sums: defaultdict[tuple[str, ...], float] = defaultdict(float)
 
     def observe(self, labels: tuple[str, ...], seconds: float) -> None:
-        self.counts[labels][bisect.bisect_left(BUCKETS, seconds)] += 1
+        self.counts[labels][bisect_left(BUCKETS, seconds)] += 1
         self.sums[labels] += seconds
 
     def family(
@@ -59,8 +59,11 @@ def _bound(value: float) -> str:
     return "+Inf" if value == float("inf") else repr(value)
 
 
+_CLASSES = ("other", "1xx", "2xx", "3xx", "4xx", "5xx")
+
+
 def status_class(code: int) -> str:
-    return f"{code // 100}xx" if 100 <= code <= 599 else "other"
+    return _CLASSES[code // 100] if 100 <= code <= 599 else "other"
 
 
 class Metrics:

@@ -13,7 +13,7 @@ C{/}, or that carries an encoded slash, a backslash or a NUL.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 _UNRESERVED = frozenset(
     b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"
@@ -34,8 +34,7 @@ class BadTarget(ValueError):
     """
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
+class Target(NamedTuple):
     """
     A request target split and normalised: the path routes, all of it is
     forwarded. C{authority} is set only for an absolute-form target.

@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from l7lb.deadlines import NEVER, Deadlines
-from l7lb.headers import downstream_response_fields, upstream_request_fields
+from l7lb.headers import downstream_response_fields, upstream_request_block
 from l7lb.pool import Backend, Pool, Waiter
 from l7lb.request import ClientRequest
 from l7lb.trust import TrustedProxies
@@ -86,9 +86,10 @@ class _Exchange:
         self.upstream = UpstreamRequest(
             request.method,
             target,
-            forwarder.upstream_fields(request),
+            [],
             request.body,
             request.body_size,
+            raw=forwarder.upstream_block(request),
         )
         self.tried: list[Backend] = []
 
@@ -452,9 +453,12 @@ class Forwarder:
         """
         _Exchange(self, request, pool, target).start()
 
-    def upstream_fields(self, request: ClientRequest) -> list[tuple[bytes, bytes]]:
+    def upstream_block(self, request: ClientRequest) -> bytes:
+        """
+        The header fields to send the backend, serialised.
+        """
         client_ip = request.client_ip
-        fields = upstream_request_fields(
+        block = upstream_request_block(
             request.headers,
             client_ip=client_ip,
             trusted_peer=self.trusted.contains(client_ip),
@@ -465,5 +469,5 @@ class Forwarder:
         if b"host" not in request.headers.index:
             # An HTTP/1.0 request without Host: name what the client reached
             # (l7lb's own address), never the backend's internal one.
-            fields.insert(0, (b"Host", request.local_authority()))
-        return fields
+            block = b"Host: %s\r\n%s" % (request.local_authority(), block)
+        return block

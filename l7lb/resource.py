@@ -10,6 +10,7 @@ import hashlib
 import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -21,7 +22,7 @@ from l7lb.pool import Pool
 from l7lb.proxy import Forwarder
 from l7lb.ratelimit import RateLimiter
 from l7lb.request import ClientRequest
-from l7lb.routing import RouteMap, host_name, strip_prefix, valid_host
+from l7lb.routing import RouteMap, checked_host_name, strip_prefix
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,8 +39,7 @@ class RoutePolicy:
 _NO_POLICY = RoutePolicy()
 
 
-@dataclass(frozen=True, slots=True)
-class Admission:
+class Admission(NamedTuple):
     """
     A request the balancer takes: the pool and the origin-form target.
     """
@@ -111,12 +111,10 @@ class BalancerResource(Resource):
         request.request_id = request_id(headers.index.get(b"x-request-id"))
         try:
             target = parse_target(uri)
-            host = self._host(request, target.authority)
+            name = self._host(request, target.authority)
         except BadTarget:
             return Refusal(400)
-        route = self.routes.match(
-            method, host_name(host) if host else None, target.route_path, headers
-        )
+        route = self.routes.match(method, name, target.route_path, headers)
         if route is None:
             return Refusal(404)
         request.route_name = route.name
@@ -124,7 +122,7 @@ class BalancerResource(Resource):
             if route.hsts is not None:
                 request.additions.append((b"Strict-Transport-Security", route.hsts))
         elif route.redirect_https:
-            return self._redirect(request, host, target.forwarded())
+            return self._redirect(request, name, target.forwarded())
         policy = self.policies.get(route.name, _NO_POLICY)
         if policy.access is not None and not policy.access.admits(
             request.client_address
@@ -157,13 +155,13 @@ class BalancerResource(Resource):
         return Refusal(429, dict(fields[2:]))
 
     def _redirect(
-        self, request: ClientRequest, host: bytes | None, target: bytes
+        self, request: ClientRequest, name: bytes | None, target: bytes
     ) -> Refusal:
         """
         308 to the same target on the TLS listener: the method and body are
         kept by the client, unlike with 301.
         """
-        name = host_name(host) if host else request.local_address().host.encode()
+        name = name or request.local_address().host.encode()
         port = self.https_port()
         authority = name if port in (None, 443) else b"%s:%d" % (name, port)
         return Refusal(308, {b"Location": b"https://" + authority + target})
@@ -171,17 +169,18 @@ class BalancerResource(Resource):
     @staticmethod
     def _host(request: ClientRequest, authority: bytes | None) -> bytes | None:
         """
-        The host a request is for: the authority of an absolute-form target
-        (which then replaces Host, RFC 9112 section 3.2.2), else its one Host
-        header. L{BadTarget} when HTTP/1.1's rules are broken (no Host, or
-        several).
+        The name of the host a request is for, as routes compare it: from
+        the authority of an absolute-form target (which then replaces Host,
+        RFC 9112 section 3.2.2), else from its one Host header. L{BadTarget}
+        when HTTP/1.1's rules are broken (no Host, or several).
         """
         headers = request.headers
         if authority is not None:
-            if not valid_host(authority):
+            name = checked_host_name(authority)
+            if name is None:
                 raise BadTarget("a malformed authority")
             headers.replace(b"Host", authority)
-            return authority
+            return name
         hosts = headers.index.get(b"host")
         if hosts is None:
             if request.version == b"HTTP/1.1":
@@ -189,9 +188,11 @@ class BalancerResource(Resource):
             return None
         if len(hosts) != 1:
             raise BadTarget("several Host headers")
-        if not valid_host(hosts[0]):
+        host = hosts[0]
+        name = checked_host_name(host)
+        if name is None:
             raise BadTarget("a malformed Host")
-        return hosts[0] or None
+        return name or None
 
 
 def limit_key(spec: str, request: ClientRequest) -> str:

@@ -9,6 +9,7 @@ longest path prefix wins; then the route written first.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -126,6 +127,15 @@ def valid_host(value: bytes) -> bool:
     Whether a Host value is C{host[:port]} as RFC 9110 section 7.2 has it.
     """
     return _HOST_VALUE.fullmatch(value) is not None
+
+
+@functools.lru_cache(maxsize=4096)
+def checked_host_name(value: bytes) -> bytes | None:
+    """
+    L{host_name} of a valid Host value, L{None} for an invalid one; a
+    client sends the same Host again and again, so the answer is kept.
+    """
+    return host_name(value) if valid_host(value) else None
 
 
 def host_name(value: bytes) -> bytes:

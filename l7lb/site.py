@@ -15,29 +15,58 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.interfaces import IAddress, IHandshakeListener, IReactorTime
 from twisted.internet.protocol import ServerFactory, connectionDone
+from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from l7lb.accesslog import AccessLog
 from l7lb.config import LBConfig
 from l7lb.connlimit import ConnectionCounts
+from l7lb.errors import describe_failure
 from l7lb.headers import HTTPDate
 from l7lb.http1 import HTTP1Connection
 from l7lb.http2 import http2_connection
 from l7lb.metrics import Metrics
 from l7lb.trust import TrustedProxies
+from l7lb.units import format_duration
 
 
+@implementer(IHandshakeListener)
 class NegotiatingConnection(HTTP1Connection):
     """
     A connection on a TLS listener: HTTP/1.x, or HTTP/2 when the handshake
     negotiated C{h2} by ALPN, in which case twisted.web's HTTP/2 connection
-    takes the bytes from here on.
+    takes the bytes from here on. The handshake must end within C{[lb]
+    tls_handshake_timeout}; one that stalls or fails costs the connection
+    and one log line.
     """
 
+    log = Logger()
     _negotiated = False
+    _handshaking = True
     _http2: Any = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.deadline = self.site.clock.seconds() + self.limits.tls_handshake_timeout
+
+    def handshakeCompleted(self) -> None:
+        self._handshaking = False
+        self.deadline = self.site.clock.seconds() + self.site.timeOut
+
+    def expired(self) -> None:
+        if not self._handshaking:
+            super().expired()
+            return
+        self.deadline = float("inf")
+        self.log.info(
+            "TLS handshake with {peer} timed out after {timeout}",
+            peer=self.host,
+            timeout=format_duration(self.limits.tls_handshake_timeout),
+        )
+        self.transport.abortConnection()  # type: ignore[union-attr]
 
     def dataReceived(self, data: bytes) -> None:
         if self._http2 is not None:
@@ -62,6 +91,12 @@ class NegotiatingConnection(HTTP1Connection):
         return http2
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._handshaking and self.deadline != float("inf"):
+            self.log.info(
+                "TLS handshake with {peer} failed: {reason}",
+                peer=self.host,
+                reason=describe_failure(reason),
+            )
         if self._http2 is not None:
             self.site.connections.closed(self)
             self._http2.connectionLost(reason)

@@ -5,8 +5,9 @@ TLS at both ends of the proxy.
 Towards clients: certificates chosen by SNI from a prepared map of the names
 in their subjectAltNames, TLS 1.2 and 1.3 only, Mozilla's "intermediate"
 TLS 1.2 ciphers (ECDHE with AES-GCM or ChaCha20), no compression, no
-renegotiation, session resumption, ALPN (h2 and http/1.1), and a deadline on
-the handshake so a stalled or garbled one costs a connection and a log line.
+renegotiation, session resumption, ALPN (h2 and http/1.1). The connection
+itself (L{l7lb.site.NegotiatingConnection}) gives the handshake a deadline,
+so a stalled or garbled one costs a connection and a log line.
 
 Towards backends: C{https://} servers verified against the system's trust
 store, or a CA file, with service-identity checking the name (or not at all
@@ -24,23 +25,17 @@ from OpenSSL.crypto import X509, PKey
 from twisted.internet import ssl
 from twisted.internet.interfaces import (
     IAddress,
-    IDelayedCall,
-    IHandshakeListener,
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
     IProtocolFactory,
     IReactorTime,
 )
-from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
-from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.python.failure import Failure
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from l7lb.certificates import CertificateFile, load_ca_certificates
 from l7lb.config import PoolConfig, ServerConfig, TLSConfig
-from l7lb.errors import describe_failure
-from l7lb.units import format_duration
+from l7lb.wire import write_now
 
 # Mozilla's "intermediate" configuration for TLS 1.2, without the DHE suites:
 # forward secrecy from ECDHE, authenticated encryption only. TLS 1.3 suites
@@ -146,64 +141,20 @@ class ServerTLS:
         return SSL.Connection(self.default, None)
 
 
-@implementer(IHandshakeListener)
-class _HandshakeGuard(ProtocolWrapper):
+class _ServerTLSProtocol(TLSMemoryBIOProtocol):
     """
-    Sits between TLS and HTTP: gives the handshake a deadline, and logs a
-    handshake that fails (plain text, a weak or unknown cipher, a stall).
+    Twisted's TLS protocol, sending its records at once when the socket
+    takes them (see L{l7lb.wire}) rather than on the next turn of the loop;
+    the HTTP side already writes each response in one piece, so Twisted's
+    aggregation of small writes would only add a timer per response.
     """
 
-    log = Logger()
-    factory: TLSGuardFactory
-    _timer: IDelayedCall | None = None
-    _done = False
-
-    def makeConnection(self, transport: Any) -> None:
-        self._timer = self.factory.clock.callLater(self.factory.timeout, self._expire)
-        super().makeConnection(transport)
-
-    def handshakeCompleted(self) -> None:
-        self._done = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-
-    def _expire(self) -> None:
-        self._timer = None
-        self.log.info(
-            "TLS handshake with {peer} timed out after {timeout}",
-            peer=_peer(self.transport),
-            timeout=format_duration(self.factory.timeout),
-        )
-        self.transport.abortConnection()  # type: ignore[union-attr]
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-            if not self._done:
-                self.log.info(
-                    "TLS handshake with {peer} failed: {reason}",
-                    peer=_peer(self.transport),
-                    reason=describe_failure(reason),
-                )
-        super().connectionLost(reason)
-
-
-def _peer(transport: Any) -> str:
-    peer = transport.getPeer() if transport is not None else None
-    host, port = getattr(peer, "host", None), getattr(peer, "port", None)
-    return f"{host}:{port}" if host else str(peer)
-
-
-class TLSGuardFactory(WrappingFactory):
-    protocol = _HandshakeGuard
-    noisy = False
-
-    def __init__(
-        self, wrapped: IProtocolFactory, clock: IReactorTime, timeout: float
-    ) -> None:
-        super().__init__(wrapped)
-        self.clock = clock
-        self.timeout = timeout
+    def _flushSendBIO(self) -> None:
+        try:
+            data = self._tlsConnection.bio_read(2**15)
+        except SSL.WantReadError:
+            return  # nothing to send
+        write_now(self.transport, data)
 
 
 class _TLSListenerFactory(TLSMemoryBIOFactory):
@@ -212,10 +163,11 @@ class _TLSListenerFactory(TLSMemoryBIOFactory):
     is closed before any TLS work is spent on it.
     """
 
+    protocol = _ServerTLSProtocol
     noisy = False
 
-    def __init__(self, creator: ServerTLS, guard: TLSGuardFactory, site: Any) -> None:
-        super().__init__(creator, False, guard)
+    def __init__(self, creator: ServerTLS, site: Any) -> None:
+        super().__init__(creator, False, site)
         self.site = site
 
     def buildProtocol(self, addr: IAddress | None) -> Any:
@@ -227,16 +179,15 @@ class _TLSListenerFactory(TLSMemoryBIOFactory):
 def tls_server_factory(
     site: Any,
     creator: ServerTLS,
-    clock: IReactorTime,
-    handshake_timeout: float,
+    clock: IReactorTime | None = None,
+    handshake_timeout: float | None = None,
 ) -> IProtocolFactory:
     """
-    The factory for a C{tls_listen} endpoint: TLS, the handshake guard, then
-    the site (which speaks HTTP/2 when ALPN chose it).
+    The factory for a C{tls_listen} endpoint: TLS, then the site (whose
+    connections give the handshake its deadline, C{[lb]
+    tls_handshake_timeout}, and speak HTTP/2 when ALPN chose it).
     """
-    return _TLSListenerFactory(
-        creator, TLSGuardFactory(site, clock, handshake_timeout), site
-    )
+    return _TLSListenerFactory(creator, site)
 
 
 def backend_tls(

@@ -39,7 +39,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
     IStreamClientEndpoint,
 )
-from twisted.internet.protocol import Factory, connectionDone
+from twisted.internet.protocol import ClientFactory, connectionDone
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -48,7 +48,7 @@ from l7lb.chunked import ChunkedDecoder, FramingError
 from l7lb.config import PoolConfig, ServerConfig
 from l7lb.deadlines import NEVER, Deadlines
 from l7lb.errors import describe_failure
-from l7lb.fields import TOKEN_BYTES, VALUE_BYTES, Fields
+from l7lb.fields import FieldError, Fields, check_head, parse_field_lines
 from l7lb.headers import connection_tokens
 from l7lb.tls import backend_tls
 from l7lb.wire import write_now
@@ -129,11 +129,13 @@ class ResponseHead:
 
 class UpstreamRequest:
     """
-    What to send a backend: C{fields} as they go on the wire (Host included,
-    framing excluded: the client adds the body's length itself).
+    What to send a backend: its header fields as they go on the wire (Host
+    included, framing excluded: the client adds the body's length itself),
+    as C{raw} field lines already serialised (each ending in CRLF) followed
+    by C{fields}.
     """
 
-    __slots__ = ("body", "body_length", "fields", "method", "target")
+    __slots__ = ("body", "body_length", "fields", "method", "raw", "target")
 
     def __init__(
         self,
@@ -142,12 +144,21 @@ class UpstreamRequest:
         fields: list[tuple[bytes, bytes]],
         body: bytes | IO[bytes] | None = None,
         body_length: int = 0,
+        raw: bytes = b"",
     ) -> None:
         self.method = method
         self.target = target
         self.fields = fields
         self.body = body
         self.body_length = body_length
+        self.raw = raw
+
+    def all_fields(self) -> list[tuple[bytes, bytes]]:
+        """
+        Every header field, C{raw} ones parsed back.
+        """
+        lines = self.raw.split(b"\r\n")[:-1]
+        return parse_field_lines(lines).items + list(self.fields)
 
     def head(self) -> bytes:
         """
@@ -156,6 +167,7 @@ class UpstreamRequest:
         parts = [self.method, b" ", self.target, b" HTTP/1.1\r\n"]
         if self.body_length or self.method in _EXPECTING_BODY:
             parts.append(b"Content-Length: %d\r\n" % self.body_length)
+        parts.append(self.raw)
         for name, value in self.fields:
             parts += (name, b": ", value, b"\r\n")
         parts.append(b"\r\n")
@@ -292,13 +304,14 @@ class UpstreamConnection(TwistedProtocol):
     _keep_alive = False
     _body_sent = True
     _file_body: FileBody | None = None
+    _paused = False
 
     def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
         self.request: UpstreamRequest | None = None
         self.receiver: ResponseReceiver | None = None
         self.call = _Call()
-        self._connecting: Deferred[Any] | None = None
+        self._connecting: _Attempt | None = None
 
     def _attach(
         self, request: UpstreamRequest, receiver: ResponseReceiver, call: _Call
@@ -323,8 +336,7 @@ class UpstreamConnection(TwistedProtocol):
     ) -> None:
         self._attach(request, receiver, call)
         self._state = _CONNECTING
-        d = self._connecting = self.upstream.endpoint.connect(_Once(self))
-        d.addErrback(self._connect_failed)
+        self._connecting = self.upstream.connector.connect(self)
 
     def _connect_failed(self, failure: Failure) -> None:
         self._connecting = None
@@ -375,11 +387,13 @@ class UpstreamConnection(TwistedProtocol):
     # Call
 
     def pause(self) -> None:
-        if self._state == _BODY:
+        if self._state == _BODY and not self._paused:
+            self._paused = True
             self.transport.pauseProducing()  # type: ignore[union-attr]
 
     def resume(self) -> None:
-        if self._state == _BODY:
+        if self._paused:
+            self._paused = False
             self.transport.resumeProducing()  # type: ignore[union-attr]
 
     def cancel(self) -> None:
@@ -485,10 +499,13 @@ class UpstreamConnection(TwistedProtocol):
             if b"content-length" in fields:
                 keep_alive = False  # RFC 9112 section 6.3: suspicious framing
         elif (lengths := fields.get(b"content-length")) is not None:
-            values = {v.strip() for value in lengths for v in value.split(b",")}
-            if len(values) != 1:
-                raise BadResponse("Content-Length values that differ")
-            value = values.pop()
+            value = lengths[0]
+            if len(lengths) > 1 or b"," in value:
+                # RFC 9112 section 6.3: a list of one repeated value is fine.
+                values = {v.strip() for value in lengths for v in value.split(b",")}
+                if len(values) != 1:
+                    raise BadResponse("Content-Length values that differ")
+                value = values.pop()
             if not value.isdigit() or len(value) > 18:
                 raise BadResponse("a malformed Content-Length")
             head.length = self._remaining = int(value)
@@ -526,7 +543,7 @@ class UpstreamConnection(TwistedProtocol):
                 return
             if parts and receiver is not None:
                 receiver.response_body(b"".join(parts))
-            if chunked.done:
+            if chunked.done and self._state == _BODY:
                 if rest:
                     self._keep_alive = False
                 self._complete()
@@ -555,6 +572,8 @@ class UpstreamConnection(TwistedProtocol):
         self._chunked = None
         if self._keep_alive and self._body_sent:
             self._state = _IDLE
+            # A client that was slow at the very end left the read paused.
+            self.resume()
             self.upstream.idle(self)
         else:
             self._close()
@@ -598,7 +617,15 @@ class UpstreamConnection(TwistedProtocol):
         receiver.response_failed(NoResponse(describe_failure(reason)))
 
 
-class _Once(Factory):
+class _Attempt(Protocol):
+    """
+    A connection attempt under way, which can be given up.
+    """
+
+    def cancel(self) -> None: ...
+
+
+class _Once(ClientFactory):
     """
     A factory for one connection attempt, whose protocol already exists.
     """
@@ -611,39 +638,74 @@ class _Once(Factory):
     def buildProtocol(self, addr: object) -> UpstreamConnection:
         return self.connection
 
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.connection._connect_failed(reason)
+
+
+class _TCPAttempt:
+    def __init__(self, connector: Any) -> None:
+        self.connector = connector
+
+    def cancel(self) -> None:
+        if self.connector.state == "connecting":
+            self.connector.stopConnecting()
+
+
+class DirectTCP:
+    """
+    Connects to an address literal with the reactor's C{connectTCP}: no
+    endpoint, no Deferred, and no wrapper protocol between the socket and
+    the connection for every read.
+    """
+
+    def __init__(self, reactor: Any, host: str, port: int, timeout: float) -> None:
+        self.reactor = reactor
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+
+    def connect(self, connection: UpstreamConnection) -> _Attempt:
+        connector = self.reactor.connectTCP(
+            self.host, self.port, _Once(connection), self.timeout
+        )
+        return _TCPAttempt(connector)
+
+
+class EndpointConnector:
+    """
+    Connects through an endpoint: a host name to resolve, or TLS.
+    """
+
+    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
+        self.endpoint = endpoint
+
+    def connect(self, connection: UpstreamConnection) -> _Attempt:
+        d = self.endpoint.connect(_Once(connection))
+        d.addErrback(connection._connect_failed)
+        return d
+
 
 def parse_response_head(head: bytes) -> ResponseHead:
     """
     A status line and header fields, strictly (RFC 9112 sections 4 and 5).
     """
-    lines = head.split(b"\r\n")
+    try:
+        check_head(head)
+        lines = head.split(b"\r\n")
+        fields = parse_field_lines(lines[1:])
+    except FieldError as error:
+        raise BadResponse(str(error)) from None
     version, _, rest = lines[0].partition(b" ")
     code_text, _, reason = rest.partition(b" ")
-    if version[:7] != b"HTTP/1." or len(version) != 8 or not version[7:].isdigit():
+    if version != b"HTTP/1.1" and (
+        version[:7] != b"HTTP/1." or len(version) != 8 or not version[7:].isdigit()
+    ):
         raise BadResponse("malformed status line")
     if len(code_text) != 3 or not code_text.isdigit():
         raise BadResponse("malformed status code")
     code = int(code_text)
     if code < 100 or code > 599:
         raise BadResponse(f"invalid status {code}")
-    if reason.translate(None, VALUE_BYTES):
-        raise BadResponse("control character in the reason phrase")
-    fields = Fields()
-    items, index = fields.items, fields.index
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or not name or name.translate(None, TOKEN_BYTES):
-            raise BadResponse("malformed header field")
-        value = value.strip(b" \t")
-        if value.translate(None, VALUE_BYTES):
-            raise BadResponse("control character in a header field")
-        items.append((name, value))
-        lowered = name.lower()
-        values = index.get(lowered)
-        if values is None:
-            index[lowered] = [value]
-        else:
-            values.append(value)
     return ResponseHead(version[5:], code, reason, fields)
 
 
@@ -655,7 +717,7 @@ class Upstream:
 
     def __init__(self, reactor: Any, server: ServerConfig, pool: PoolConfig) -> None:
         self.clock: IReactorTime = reactor
-        self.endpoint = client_endpoint(reactor, server, pool, pool.connect_timeout)
+        self.connector = connector_for(reactor, server, pool)
         self.max_idle = pool.keepalive_connections
         self.keepalive_timeout = pool.keepalive_timeout
         self.deadlines = Deadlines.of(reactor)
@@ -725,6 +787,25 @@ class Upstream:
         if not waiting:
             return succeed(None)
         return DeferredList(waiting)
+
+
+def connector_for(
+    reactor: Any, server: ServerConfig, pool: PoolConfig
+) -> DirectTCP | EndpointConnector:
+    """
+    How to connect to C{server}: straight to a plain-HTTP address literal,
+    through an endpoint otherwise.
+    """
+    if server.scheme == "http":
+        try:
+            ipaddress.ip_address(server.host)
+        except ValueError:
+            pass
+        else:
+            return DirectTCP(reactor, server.host, server.port, pool.connect_timeout)
+    return EndpointConnector(
+        client_endpoint(reactor, server, pool, pool.connect_timeout)
+    )
 
 
 def client_endpoint(

@@ -33,6 +33,7 @@ def write_now(transport: Any, data: bytes) -> None:
         and transport.connected
         and not transport.TLS
         and not transport._writeDisconnected
+        and not transport._aborting
     ):
         sent = transport.writeSomeData(data)
         if type(sent) is int:

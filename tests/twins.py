@@ -146,7 +146,7 @@ class InMemoryUpstream:
     def send(self, request, receiver):
         self.calls += 1
         headers = Headers()
-        for name, value in request.fields:
+        for name, value in request.all_fields():
             headers.addRawHeader(name, value)
         body = request.body
         if body is not None and not isinstance(body, bytes):
