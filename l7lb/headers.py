@@ -270,6 +270,39 @@ def downstream_response_fields(
     return out
 
 
+def downstream_response_block(
+    incoming: Fields,
+    *,
+    via: bytes,
+    request_id: bytes,
+    additions: Sequence[tuple[bytes, bytes]] = (),
+) -> bytes | None:
+    """
+    L{downstream_response_fields} serialised, when the response allows the
+    quick way: its field lines as received, without its one Content-Length
+    line (the client side frames the body), then l7lb's fields. L{None}
+    when it has other fields to drop or to extend (the caller then takes
+    the general way).
+    """
+    raw = incoming.raw
+    if raw is None:
+        return None
+    index = incoming.index
+    drop = index.keys() & _RESPONSE_DROPPED
+    if drop:
+        lengths = index.get(b"content-length")
+        if len(drop) > 1 or lengths is None or len(lengths) != 1:
+            return None
+        # Cut the Content-Length line out of the block.
+        start = (b"\r\n" + raw.lower()).find(b"\r\ncontent-length:")
+        end = raw.find(b"\r\n", start) + 2
+        raw = raw[:start] + raw[end:]
+    tail = b"Via: %s\r\nX-Request-Id: %s\r\n" % (via, request_id)
+    if additions:
+        tail += serialise(additions)
+    return raw + tail
+
+
 def _append(values: Iterable[bytes] | None, item: bytes) -> bytes:
     return b", ".join([*values, item]) if values else item
 

@@ -214,6 +214,8 @@ class HTTP1Request(ClientRequest):
             self.connection.persistent = False
         super().respond_error(status, headers)
 
+    takes_raw_fields = True
+
     def _send_head(
         self,
         code: int,
@@ -221,9 +223,10 @@ class HTTP1Request(ClientRequest):
         fields: list[tuple[bytes, bytes]],
         content_length: bytes | None,
         bodiless: bool,
+        raw: bytes,
     ) -> None:
         connection = self.connection
-        parts = [b"HTTP/1.1 %d %s\r\n" % (code, reason)]
+        parts = [b"HTTP/1.1 %d %s\r\n%s" % (code, reason, raw)]
         for name, value in fields:
             parts += (name, b": ", value, b"\r\n")
         if content_length is not None:

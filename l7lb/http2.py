@@ -164,6 +164,7 @@ class HTTP2Request(ClientRequest):
         fields: list[tuple[bytes, bytes]],
         content_length: bytes | None,
         bodiless: bool,
+        raw: bytes,
     ) -> None:
         self._bodiless = bodiless or self.method == b"HEAD"
         self.started_writing = True

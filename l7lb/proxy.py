@@ -22,7 +22,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from l7lb.deadlines import NEVER, Deadlines
-from l7lb.headers import downstream_response_fields, upstream_request_block
+from l7lb.headers import (
+    downstream_response_block,
+    downstream_response_fields,
+    upstream_request_block,
+)
 from l7lb.pool import Backend, Pool, Waiter
 from l7lb.request import ClientRequest
 from l7lb.trust import TrustedProxies
@@ -234,19 +238,33 @@ class _Exchange:
                 passive.failure(f"status {code}")
             else:
                 passive.success()
-        fields = downstream_response_fields(
-            head.fields,
-            via=head.version + b" l7lb",
-            request_id=request.request_id,
-            additions=request.additions,
+        raw = (
+            downstream_response_block(
+                head.fields,
+                via=head.version + b" l7lb",
+                request_id=request.request_id,
+                additions=request.additions,
+            )
+            if request.takes_raw_fields
+            else None
         )
+        if raw is None:
+            raw = b""
+            fields = downstream_response_fields(
+                head.fields,
+                via=head.version + b" l7lb",
+                request_id=request.request_id,
+                additions=request.additions,
+            )
+        else:
+            fields = []
         if self.cookie is not None:
             fields.append((b"Set-Cookie", self.cookie))
         if b"date" not in head.fields.index:
             # RFC 9110 section 6.6.1: a recipient with a clock adds one.
             fields.append((b"Date", request.site.date()))
         content_length, bodiless = _framing(head, self.method)
-        request.start_response(code, head.reason, fields, content_length, bodiless)
+        request.start_response(code, head.reason, fields, content_length, bodiless, raw)
         self.deadline = now + self.pool.config.idle_timeout
         request.register_producer(self)
 

@@ -91,6 +91,10 @@ class ClientRequest:
         """
         raise NotImplementedError
 
+    # Whether the answer's header fields may be given serialised (see
+    # start_response's raw).
+    takes_raw_fields = False
+
     def _send_head(
         self,
         code: int,
@@ -98,6 +102,7 @@ class ClientRequest:
         fields: list[tuple[bytes, bytes]],
         content_length: bytes | None,
         bodiless: bool,
+        raw: bytes,
     ) -> None:
         raise NotImplementedError
 
@@ -179,16 +184,19 @@ class ClientRequest:
         fields: list[tuple[bytes, bytes]],
         content_length: bytes | None = None,
         bodiless: bool = False,
+        raw: bytes = b"",
     ) -> None:
         """
         Begin the answer: status and header fields. C{content_length} frames
         the body when it is known; C{bodiless} says there is none (HEAD,
         204, 304), in which case C{content_length} is the representation's.
+        C{raw} holds field lines already serialised (each ending in CRLF),
+        which come before C{fields}; only where C{takes_raw_fields}.
         """
         if self.gone or self.finished:
             return
         self.code = code
-        self._send_head(code, reason, fields, content_length, bodiless)
+        self._send_head(code, reason, fields, content_length, bodiless, raw)
 
     def write(self, data: bytes) -> None:
         if self.gone or self.finished or not data:

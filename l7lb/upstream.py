@@ -576,7 +576,9 @@ class UpstreamConnection(TwistedProtocol):
             self.resume()
             self.upstream.idle(self)
         else:
-            self._close()
+            # With the request body still going out (the backend answered
+            # early), nothing is worth flushing: close at once.
+            self._close(abort=not self._body_sent)
         if receiver is not None:
             receiver.response_end()
 
@@ -695,6 +697,7 @@ def parse_response_head(head: bytes) -> ResponseHead:
         fields = parse_field_lines(lines[1:])
     except FieldError as error:
         raise BadResponse(str(error)) from None
+    fields.raw = head[len(lines[0]) + 2 :] + b"\r\n" if len(lines) > 1 else b""
     version, _, rest = lines[0].partition(b" ")
     code_text, _, reason = rest.partition(b" ")
     if version != b"HTTP/1.1" and (
