@@ -19,6 +19,9 @@ from typing import Protocol
 from weakref import WeakKeyDictionary, ref
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+log = Logger()
 
 NEVER = math.inf
 TICKS_PER_SECOND = 4
@@ -78,12 +81,18 @@ class Deadlines:
 
     def _check(self) -> None:
         self._tick = None
-        now = self.clock.seconds()
-        for item in [item for item in self.items if item.deadline <= now]:
-            if item in self.items and item.deadline <= now:
-                item.expired()
-        if self.items and self._tick is None:
-            self._tick = self.clock.callLater(1 / TICKS_PER_SECOND, self._check)
+        try:
+            now = self.clock.seconds()
+            for item in [item for item in self.items if item.deadline <= now]:
+                if item in self.items and item.deadline <= now:
+                    try:
+                        item.expired()
+                    except Exception:
+                        # One failure must not stop the others' deadlines.
+                        log.failure("deadline of {item} failed", item=item)
+        finally:
+            if self.items and self._tick is None:
+                self._tick = self.clock.callLater(1 / TICKS_PER_SECOND, self._check)
 
     def stop(self) -> None:
         """

@@ -60,6 +60,9 @@ BODY_IN_MEMORY = 64 * 1024
 PIPELINE_BUFFER = 64 * 1024
 # How long a refused client may go on sending before l7lb resets.
 LINGER = 5.0
+# How long a connection l7lb closes may take to send what is left to the
+# client before it is reset.
+CLOSE_GRACE = 15.0
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -178,6 +181,14 @@ class BodyBuffer:
             self._file = tempfile.TemporaryFile()  # noqa: SIM115
             self._file.writelines(self._parts)
             self._parts = []
+
+    def close(self) -> None:
+        """
+        Give back the temporary file, if any (a body never finished).
+        """
+        if self._file is not None:
+            self._file.close()
+        self._parts = []
 
     def result(self) -> bytes | IO[bytes]:
         if self._file is not None:
@@ -301,6 +312,7 @@ class HTTP1Connection(Protocol):
     _processing = False
     _producer: IPushProducer | None = None
     _lingering = False
+    _closing = False
 
     def __init__(self, site: BalancerSite) -> None:
         self.site = site
@@ -334,6 +346,9 @@ class HTTP1Connection(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._state = _CLOSING
         self.deadlines.unwatch(self)
+        if self._body is not None:
+            self._body.close()
+            self._body = None
         self.site.connections.closed(self)
         request = self.request
         if request is not None:
@@ -345,12 +360,23 @@ class HTTP1Connection(Protocol):
     def expired(self) -> None:
         self.deadline = NEVER
         transport: Any = self.transport
-        if self._lingering:
+        if self._lingering or self._closing:
+            # Still not gone: a client that stopped reading keeps a closing
+            # connection open for ever, unless it is reset.
             transport.abortConnection()
         elif self._state in (_HEAD, _BODY):
             self.refuse(408, why="client too slow")
         elif self._state == _IDLE:
-            transport.loseConnection()
+            self.close()
+
+    def close(self) -> None:
+        """
+        Close once what is written has gone out, within L{CLOSE_GRACE}.
+        """
+        self._closing = True
+        self._state = _CLOSING
+        self.deadline = self.site.clock.seconds() + CLOSE_GRACE
+        self.transport.loseConnection()  # type: ignore[union-attr]
 
     # Reading requests
 
@@ -539,7 +565,7 @@ class HTTP1Connection(Protocol):
         transport: Any = self.transport
         if not self.persistent:
             self._state = _CLOSING
-            transport.loseConnection()
+            self.close()
             return
         self._state = _IDLE
         self.deadline = self.site.clock.seconds() + self.site.timeOut
@@ -562,7 +588,7 @@ class HTTP1Connection(Protocol):
         if reset:
             transport.abortConnection()
         else:
-            transport.loseConnection()
+            self.close()
 
     def refuse(
         self,
@@ -601,7 +627,7 @@ class HTTP1Connection(Protocol):
         transport: Any = self.transport
         half_close = getattr(type(transport), "loseWriteConnection", None)
         if half_close is None:  # TLS cannot half-close
-            transport.loseConnection()
+            self.close()
             return
         transport.loseWriteConnection()
         self._lingering = True
@@ -623,4 +649,4 @@ class HTTP1Connection(Protocol):
         """
         self.persistent = False
         if self.idle:
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            self.close()

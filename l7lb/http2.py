@@ -17,18 +17,31 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import h2.connection
+from h2.config import H2Configuration
+from hpack import Encoder
 from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from twisted.web._http2 import H2Connection
 from twisted.web.http_headers import Headers
 
 from l7lb.deadlines import NEVER, Deadlines
-from l7lb.fields import TOKEN_BYTES, VALUE_BYTES, Fields
+from l7lb.fields import VALUE_BYTES, Fields, is_token
 from l7lb.http1 import BodyBuffer
 from l7lb.request import ClientRequest
 
 if TYPE_CHECKING:
     from l7lb.site import BalancerSite
+
+
+class _LiteralEncoder(Encoder):
+    """
+    HPACK without Huffman coding of literal values.
+    """
+
+    def encode(self, headers: Any, huffman: bool = True) -> bytes:
+        encoded: bytes = super().encode(headers, huffman=False)
+        return encoded
 
 
 class _FieldList:
@@ -42,7 +55,7 @@ class _FieldList:
         self._fields = fields
 
     def getAllRawHeaders(self) -> list[tuple[bytes, list[bytes]]]:
-        return [(name, [value]) for name, value in self._fields]
+        return [(name.lower(), [value]) for name, value in self._fields]
 
 
 class HTTP2Request(ClientRequest):
@@ -77,9 +90,9 @@ class HTTP2Request(ClientRequest):
         limits = self.site.limits
         if length is not None and length > limits.max_body_size:
             self._refuse(413)
-        if length != 0:
-            self.deadline = self.site.clock.seconds() + limits.client_body_timeout
-            self.deadlines.watch(self)
+        # The stream must end in time, body or not.
+        self.deadline = self.site.clock.seconds() + limits.client_body_timeout
+        self.deadlines.watch(self)
 
     def handleContentChunk(self, data: bytes) -> None:
         if self.refused:
@@ -94,11 +107,7 @@ class HTTP2Request(ClientRequest):
             return  # already answered 408
         self.deadlines.unwatch(self)
         self.method, self.uri = command or b"-", path or b"-"
-        self.headers = Fields.of(
-            (name, value)
-            for name, values in self.requestHeaders.getAllRawHeaders()
-            for value in values
-        )
+        self.headers = _http1_fields(self.requestHeaders)
         status = self._refusal or self._check_head(command, path)
         if status:
             self.refused = True
@@ -139,14 +148,14 @@ class HTTP2Request(ClientRequest):
         header list: 0 or a status.
         """
         limits = self.site.limits
-        if path is None or not command or command.translate(None, TOKEN_BYTES):
+        if path is None or not command or not is_token(command):
             return 400
         if len(path) > limits.max_uri_length:
             return 414
         size = 0
         for name, value in self.headers:
             size += len(name) + len(value) + 4
-            if value.translate(None, VALUE_BYTES):
+            if value.translate(None, VALUE_BYTES) or not is_token(name):
                 return 400
         if size > limits.max_header_size or len(self.headers) > limits.max_headers:
             return 431
@@ -189,15 +198,46 @@ class HTTP2Request(ClientRequest):
         self.stream.unregisterProducer()
 
 
+def _http1_fields(headers: Headers) -> Fields:
+    """
+    An HTTP/2 request's fields as an HTTP/1.1 backend gets them: its
+    several C{cookie} fields joined in one (RFC 9113 section 8.2.3).
+    """
+    fields = Fields()
+    cookies: list[bytes] = []
+    for name, values in headers.getAllRawHeaders():
+        if name.lower() == b"cookie":
+            cookies += values
+            continue
+        for value in values:
+            fields.add(name, value)
+    if cookies:
+        fields.add(b"Cookie", b"; ".join(cookies))
+    return fields
+
+
 def http2_connection(site: BalancerSite) -> H2Connection:
     """
     twisted.web's HTTP/2 connection, making L{HTTP2Request}s for the site.
     """
     connection: Any = H2Connection(site.clock)
+    # The answers' header fields are l7lb's to get right (lower-case names,
+    # no connection-specific fields: see HTTP2Request._send_head), so h2
+    # need not normalise and check them again; what clients send is still
+    # checked in full. Literal values are not Huffman-coded: the pure-Python
+    # coder costs more CPU than the bytes it saves on a balancer's links.
+    config = H2Configuration(
+        client_side=False,
+        header_encoding=None,
+        normalize_outbound_headers=False,
+        validate_outbound_headers=False,
+    )
+    connection.conn = h2.connection.H2Connection(config=config)
+    connection.conn.encoder = _LiteralEncoder()
     connection.requestFactory = HTTP2Request
     connection.site = site
     connection.factory = site
     connection.timeOut = site.timeOut
     connection.callLater = site.clock.callLater
-    h2: H2Connection = connection
-    return h2
+    made: H2Connection = connection
+    return made

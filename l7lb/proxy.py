@@ -422,8 +422,10 @@ def _framing(head: ResponseHead, method: bytes) -> tuple[bytes | None, bool]:
     representation's, without a body.
     """
     if method == b"HEAD" or head.code == 304:
-        lengths = head.fields.index.get(b"content-length")
-        return (lengths[0] if lengths else None), True
+        # The representation's length, relayed only when it is one number.
+        lengths = head.fields.index.get(b"content-length") or []
+        valid = len(lengths) == 1 and lengths[0].isdigit()
+        return (lengths[0] if valid else None), True
     if head.bodiless:
         return None, True
     if head.length is not None:

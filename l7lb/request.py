@@ -208,8 +208,10 @@ class ClientRequest:
         if self.gone or self.finished:
             return
         self.finished = True
-        self._send_end()
+        # Logged first: ending the answer may start the next pipelined
+        # request, whose line must come after this one's.
         self.log_access()
+        self._send_end()
 
     def respond_error(
         self, status: int, headers: dict[bytes, bytes] | None = None
@@ -267,8 +269,8 @@ class ClientRequest:
         self.gone = True
         if not self.note:
             self.note = "client closed"
-        self.log_access()
         exchange = self.exchange
+        self.log_access()
         if exchange is not None:
             exchange.client_gone()
 
@@ -298,3 +300,10 @@ class ClientRequest:
             )
         if site.draining and site.requests_in_flight == 0:
             site.connections.drained()
+        # Nothing needs the body or the exchange any more: a body in a
+        # temporary file gives back its disk space and descriptor now, not
+        # at the next garbage collection, and no cycle keeps them.
+        self.exchange = None
+        body = self.body
+        if body is not None and not isinstance(body, bytes):
+            body.close()

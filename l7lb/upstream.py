@@ -235,6 +235,9 @@ class FileBody:
 
     def _pump(self) -> None:
         while not self._paused and not self._stopped:
+            if self.content.closed:  # the exchange is over
+                self._stopped = True
+                return
             chunk = self.content.read(65536)
             if not chunk:
                 self._stopped = True

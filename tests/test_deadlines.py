@@ -217,3 +217,34 @@ class RegistryTests(SynchronousTestCase):
         del clock
         gc.collect()
         self.assertIsNone(alive())
+
+
+class FailureIsolationTests(SynchronousTestCase):
+    def test_one_failing_deadline_does_not_stop_the_others(self):
+        clock = Clock()
+        deadlines = Deadlines(clock)
+
+        class Broken:
+            deadline = 1.0
+
+            def expired(self):
+                raise RuntimeError("a bug")
+
+        class Fine:
+            deadline = 1.0
+            fired = 0
+
+            def expired(self):
+                self.fired += 1
+                deadlines.unwatch(self)
+
+        broken, fine = Broken(), Fine()
+        deadlines.watch(broken)
+        deadlines.watch(fine)
+        clock.advance(1.0 + 1 / TICKS_PER_SECOND)
+        self.assertEqual(fine.fired, 1)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        # Ticking goes on for what is still watched.
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        deadlines.unwatch(broken)
+        self.assertEqual(clock.getDelayedCalls(), [])

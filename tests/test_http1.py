@@ -22,6 +22,7 @@ from l7lb.config import LBConfig
 from l7lb.fields import Fields
 from l7lb.http1 import (
     BODY_IN_MEMORY,
+    CLOSE_GRACE,
     LINGER,
     PIPELINE_BUFFER,
     BadRequest,
@@ -1047,3 +1048,57 @@ class ExpectContinueTests(ConnectionTestCase):
         )
         self.assertEqual(transport.value(), errors.raw_response(404))
         self.assertEqual(len(hanging.pending), 1)
+
+
+class ClosingTests(ConnectionTestCase):
+    """
+    Connections l7lb closes, and what an exchange leaves behind.
+    """
+
+    def test_pipelined_requests_logged_in_order(self):
+        channel, _ = self.connect()
+        self.script.auto = True
+        channel.dataReceived(get(b"/a") + get(b"/b") + get(b"/c"))
+        self.assertEqual([line[1] for line in self.log.requests], [b"/a", b"/b", b"/c"])
+
+    def test_closing_connection_reset_when_the_client_stops_reading(self):
+        _channel, transport = self.connect(timeout=5.0)
+        self.clock.advance(5.0 + TICK)  # idle keep-alive timeout: l7lb closes
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(transport.aborted)
+        # The client never reads what is left, so the close never completes.
+        self.clock.advance(CLOSE_GRACE - 2 * TICK)
+        self.assertFalse(transport.aborted)
+        self.clock.advance(3 * TICK)
+        self.assertTrue(transport.aborted)
+
+    def test_no_request_read_on_a_closing_connection(self):
+        channel, _transport = self.connect(timeout=5.0)
+        self.clock.advance(5.0 + TICK)
+        channel.dataReceived(get(b"/late"))
+        self.assertEqual(self.script.requests, [])
+
+    def test_temporary_file_closed_when_the_exchange_ends(self):
+        channel, _ = self.connect()
+        content = b"x" * (BODY_IN_MEMORY + 1)
+        channel.dataReceived(
+            b"PUT /big HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(content), content)
+        )
+        [request] = self.script.requests
+        body = request.body
+        self.assertFalse(isinstance(body, bytes) or body.closed)
+        answer(request)
+        self.assertTrue(body.closed)
+
+    def test_half_read_body_file_closed_when_the_client_goes(self):
+        channel, _ = self.connect()
+        channel.dataReceived(
+            b"PUT /big HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n%s"
+            % (BODY_IN_MEMORY * 4, b"x" * (BODY_IN_MEMORY + 1))
+        )
+        buffer = channel._body
+        spilled = buffer._file
+        self.assertIsNotNone(spilled)
+        channel.connectionLost(Failure(ConnectionLost()))
+        self.assertTrue(spilled.closed)

@@ -7,6 +7,7 @@ Clock.
 from __future__ import annotations
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -15,13 +16,24 @@ from twisted.trial.unittest import SynchronousTestCase
 from l7lb.accesslog import AccessLog
 from l7lb.balancing import balancer_for
 from l7lb.config import LBConfig, PoolConfig, RouteConfig
+from l7lb.fields import Fields
 from l7lb.pool import Backend, Pool
 from l7lb.proxy import Forwarder
 from l7lb.resource import BalancerResource
 from l7lb.routing import RouteMap
 from l7lb.site import BalancerSite
 from l7lb.trust import TrustedProxies
-from tests.twins import TICK, Hanging, Hello, InMemoryUpstream, Refusing, server
+from l7lb.upstream import ResponseHead
+from tests.twins import (
+    TICK,
+    Hanging,
+    Hello,
+    InMemoryUpstream,
+    MemoryBalancer,
+    Refusing,
+    _MemoryCall,
+    server,
+)
 
 
 class ForwardingTests(SynchronousTestCase):
@@ -133,3 +145,38 @@ class ForwardingTests(SynchronousTestCase):
         hold_a.held[0].finish()
         a.agent.flush()
         self.assertEqual([x.inflight for x in self.pool.backends], [1, 1])
+
+
+class _Answering:
+    """
+    A backend twin that answers every request with one response head and
+    no body.
+    """
+
+    def __init__(self, code: int, fields: list[tuple[bytes, bytes]]) -> None:
+        self.code = code
+        self.fields = fields
+
+    def send(self, request, receiver):
+        receiver.response_head(
+            ResponseHead(b"1.1", self.code, b"X", Fields.of(self.fields), bodiless=True)
+        )
+        receiver.response_end()
+        return _MemoryCall()
+
+    def close(self):
+        return succeed(None)
+
+
+class RepresentationLengthTests(SynchronousTestCase):
+    def test_valid_length_of_a_304_relayed(self):
+        lb = MemoryBalancer([_Answering(304, [(b"Content-Length", b"42")])])
+        _, transport = lb.get()
+        self.assertIn(b"\r\nContent-Length: 42\r\n", transport.value())
+
+    def test_malformed_length_of_a_304_not_relayed(self):
+        for value in (b"abc", b"5, 6", b"-1"):
+            lb = MemoryBalancer([_Answering(304, [(b"Content-Length", value)])])
+            _, transport = lb.get()
+            self.assertTrue(transport.value().startswith(b"HTTP/1.1 304 X\r\n"))
+            self.assertNotIn(b"Content-Length", transport.value(), value)

@@ -180,6 +180,23 @@ class HTTPOverTLSTests(TLSTestCase):
         self.assertEqual(seen.header(b"X-Forwarded-Proto"), [b"https"])
 
     @inlineCallbacks
+    def test_http2_cookies_joined_for_the_backend(self):
+        # RFC 9113 section 8.2.3: HTTP/2 may split Cookie in several fields;
+        # an HTTP/1.1 backend must get one.
+        _, port = self.tls_balancer()
+        context = self.certs.client_context(alpn=["h2"])
+        (reply, _) = yield h2_request(
+            port,
+            context,
+            "a.example.test",
+            "/c",
+            extra=[("cookie", "a=1"), ("cookie", "b=2")],
+        )
+        self.assertEqual(reply.status, 200)
+        seen = self.app.requests[-1]
+        self.assertEqual(seen.header(b"Cookie"), [b"a=1; b=2"])
+
+    @inlineCallbacks
     def test_http2_upload_and_errors(self):
         _, port = self.tls_balancer(lb_options="max_body_size = 1KiB")
         context = self.certs.client_context(alpn=["h2"])
