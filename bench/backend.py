@@ -2,9 +2,11 @@
 
 Used when NGINX is not installed. It answers every request (``/health``
 included) with the same 100-byte body so that the backend does as little work
-as possible and the proxy in front of it is what gets measured.
+as possible and the proxy in front of it is what gets measured. With
+``--status-port``, that port answers how many requests were served, in the
+format of NGINX's ``stub_status``.
 
-    python3 bench/backend.py --port 8081 --port 8082
+    python3 bench/backend.py --port 8081 --port 8082 [--status-port 8083]
 """
 
 from __future__ import annotations
@@ -67,16 +69,37 @@ def parse_head(head: bytes) -> Head | None:
     return Head(body_length, keep_alive)
 
 
+class Counter:
+    """Requests answered and connections accepted, over every port."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.connections = 0
+
+    def status(self) -> bytes:
+        """A whole HTTP response in the format of NGINX's ``stub_status``."""
+        body = (
+            "Active connections: 0\nserver accepts handled requests\n"
+            f" {self.connections} {self.connections} {self.requests}\n"
+        ).encode()
+        return (
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+        )
+
+
 class FixedResponder(asyncio.Protocol):
     """Answer each request on a connection in order, pipelining included."""
 
-    def __init__(self) -> None:
+    def __init__(self, counter: Counter) -> None:
         self._buffer = bytearray()
         self._transport: asyncio.Transport | None = None
+        self._counter = counter
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+        self._counter.connections += 1
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
@@ -99,6 +122,7 @@ class FixedResponder(asyncio.Protocol):
         if len(self._buffer) < total:
             return False
         del self._buffer[:total]
+        self._counter.requests += 1
         if head.keep_alive:
             self._transport.write(KEEP_ALIVE_RESPONSE)
             return True
@@ -115,16 +139,45 @@ class FixedResponder(asyncio.Protocol):
         self._transport = None
 
 
-async def serve(host: str, ports: list[int]) -> None:
+class StatusResponder(asyncio.Protocol):
+    """Answer the first request head with the counts, then close."""
+
+    def __init__(self, counter: Counter) -> None:
+        self._buffer = bytearray()
+        self._counter = counter
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        if self._transport is not None and b"\r\n\r\n" in self._buffer:
+            self._transport.write(self._counter.status())
+            self._transport.close()
+            self._transport = None
+
+
+async def serve(host: str, ports: list[int], status_port: int | None) -> None:
     """Listen on every port until SIGTERM or SIGINT."""
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set_result, None)
+    counter = Counter()
     servers = [
-        await loop.create_server(FixedResponder, host, port, backlog=4096)
+        await loop.create_server(
+            lambda: FixedResponder(counter), host, port, backlog=4096
+        )
         for port in ports
     ]
+    if status_port is not None:
+        servers.append(
+            await loop.create_server(
+                lambda: StatusResponder(counter), host, status_port
+            )
+        )
     try:
         await stop
     finally:
@@ -137,9 +190,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, action="append", required=True)
+    parser.add_argument("--status-port", type=int, help="serves the request count")
     args = parser.parse_args()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args.host, args.port))
+        asyncio.run(serve(args.host, args.port, args.status_port))
 
 
 if __name__ == "__main__":
