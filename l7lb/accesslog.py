@@ -7,20 +7,30 @@ The access log: one line per request, however the exchange ended.
 
 (one line in the file). Lines are buffered and flushed every second, when
 the buffer fills, and at shutdown, so logging costs no system call per
-request.
+request. Several processes may append to one log (C{[lb] workers}): a file
+is opened with C{O_APPEND}, and every C{write(2)} carries whole lines only,
+never more than a pipe writes at once on standard output, so no line is
+ever split or mixed with another process's.
 """
 
 from __future__ import annotations
 
 import json
-import sys
+import os
+import select
+import stat
 import time
-from typing import IO, TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from twisted.internet.interfaces import IReactorTime
 
 if TYPE_CHECKING:
     from l7lb.request import ClientRequest
+
+# Flush once this much is buffered, whatever the timer says.
+_FLUSH_AT = 64 * 1024
+# The most one write(2) to a regular file carries.
+_FILE_CHUNK = 64 * 1024
 
 _PRINTABLE = bytes(range(0x21, 0x7F)).replace(b'"', b"").replace(b"\\", b"")
 
@@ -37,6 +47,53 @@ def _escape(value: bytes) -> bytes:
     )
 
 
+class Output(Protocol):
+    """
+    Where flushed lines go: each C{write} is given whole lines.
+    """
+
+    def write(self, data: bytes, /) -> object: ...
+
+    def close(self) -> None: ...
+
+
+class LineOutput:
+    """
+    A file descriptor written with one C{write(2)} per chunk of whole lines:
+    up to 64 KiB for a regular file (appended as a whole under
+    C{O_APPEND}), up to C{PIPE_BUF} for anything else (a pipe keeps only
+    writes that small in one piece when several processes share it).
+    """
+
+    def __init__(self, fd: int, owned: bool) -> None:
+        self.fd = fd
+        self.owned = owned
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        self.chunk_size = _FILE_CHUNK if regular else select.PIPE_BUF
+
+    @classmethod
+    def append_to(cls, path: str) -> LineOutput:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        return cls(os.open(path, flags, 0o644), owned=True)
+
+    def write(self, data: bytes, /) -> object:
+        view = memoryview(data)
+        while view:
+            try:
+                written = os.write(self.fd, view)
+            except BlockingIOError:
+                # Someone made the descriptor non-blocking: wait as a
+                # blocking write would.
+                select.select([], [self.fd], [])
+                continue
+            view = view[written:]
+        return None
+
+    def close(self) -> None:
+        if self.owned:
+            os.close(self.fd)
+
+
 class AccessLog:
     """
     Formats and buffers access-log lines; C{out=None} turns logging off.
@@ -44,13 +101,15 @@ class AccessLog:
     """
 
     def __init__(
-        self, out: IO[bytes] | None, clock: IReactorTime, json_lines: bool = False
+        self, out: Output | None, clock: IReactorTime, json_lines: bool = False
     ) -> None:
         self._out = out
         self._clock = clock
         self._json = json_lines
         self._second = -1
         self._stamp = b""
+        self._lines: list[bytes] = []
+        self._buffered = 0
 
     @property
     def enabled(self) -> bool:
@@ -76,9 +135,11 @@ class AccessLog:
         self.close()
         self._json = form == "json"
         if destination == "-":
-            self._out = sys.stdout.buffer
+            # Descriptor 1, not sys.stdout: twistd replaces that object with
+            # one that turns writes into log events.
+            self._out = LineOutput(1, owned=False)
         elif destination is not None:
-            self._out = open(destination, "ab")  # noqa: SIM115
+            self._out = LineOutput.append_to(destination)
 
     def _timestamp(self, now: float) -> bytes:
         second = int(now)
@@ -94,7 +155,7 @@ class AccessLog:
             return
         now = self._clock.seconds()
         if self._json:
-            self._out.write(self._json_line(request, now))
+            self._line(self._json_line(request, now))
             return
         line = b'%s %s "%s %s %s" %d %d %.3f route=%s backend=%s id=%s' % (
             self._timestamp(now),
@@ -111,7 +172,7 @@ class AccessLog:
         )
         if request.note:
             line += b' end="%s"' % request.note.encode()
-        self._out.write(line + b"\n")
+        self._line(line + b"\n")
 
     def _json_line(self, request: ClientRequest, now: float) -> bytes:
         record = {
@@ -146,22 +207,43 @@ class AccessLog:
                 "status": status,
                 "end": "refused",
             }
-            self._out.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
+            self._line(json.dumps(record, separators=(",", ":")).encode() + b"\n")
             return
-        self._out.write(
+        self._line(
             b'%s %s "- - -" %d 0 0.000 route=- backend=- id=- end="refused"\n'
             % (self._timestamp(now), (host or "-").encode("ascii", "replace"), status)
         )
 
+    def _line(self, line: bytes) -> None:
+        self._lines.append(line)
+        self._buffered += len(line)
+        if self._buffered >= _FLUSH_AT:
+            self.flush()
+
     def flush(self) -> None:
-        if self._out is not None:
-            self._out.flush()
+        """
+        Write what is buffered, whole lines per write: as many as fit in
+        one chunk of the output (a longer line goes alone).
+        """
+        lines, self._lines, self._buffered = self._lines, [], 0
+        out = self._out
+        if out is None or not lines:
+            return
+        limit = getattr(out, "chunk_size", _FILE_CHUNK)
+        chunk: list[bytes] = []
+        size = 0
+        for line in lines:
+            if chunk and size + len(line) > limit:
+                out.write(b"".join(chunk))
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line)
+        out.write(b"".join(chunk))
 
     def close(self) -> None:
         if self._out is not None:
-            self._out.flush()
-            if self._out is not sys.stdout.buffer:
-                self._out.close()
+            self.flush()
+            self._out.close()
             self._out = None
 
 

@@ -196,6 +196,7 @@ class LBConfig:
     max_headers: int = 100
     drain_timeout: float = 30.0
     access_log_format: str = "combined"
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,6 +359,7 @@ _KNOWN_LB_KEYS = frozenset(
         "max_headers",
         "drain_timeout",
         "access_log_format",
+        "workers",
     }
 )
 _KNOWN_ADMIN_KEYS = frozenset({"listen", "token_file", "state_file"})
@@ -525,6 +527,7 @@ class _Reader:
             access_log_format=self.value(
                 section, "access_log_format", _one_of("combined", "json"), "combined"
             ),
+            workers=self.value(section, "workers", _workers, 1),
         )
 
     def read_admin(self, section: str) -> AdminConfig | None:
@@ -845,6 +848,20 @@ class _Reader:
             )
         if lb.tls_listen and tls is None:
             self.problem("lb", "tls_listen", "needs a [tls] section with certificates")
+        if lb.workers > 1:
+            for key, endpoints in (
+                ("listen", lb.listen),
+                ("tls_listen", lb.tls_listen),
+            ):
+                for description in endpoints:
+                    if not shareable_endpoint(description):
+                        self.problem(
+                            "lb",
+                            key,
+                            f"{description!r}: with workers > 1 every listener must "
+                            "be a tcp, tcp6 or unix endpoint (its socket is shared "
+                            "by the worker processes)",
+                        )
         if tls is not None and not lb.tls_listen:
             self.notice("tls", None, "has no effect without tls_listen in [lb]")
         for route in routes:
@@ -956,6 +973,40 @@ def _size_at_least(minimum: int) -> Callable[[str], int]:
 
 def _count(minimum: int, maximum: int) -> Callable[[str], int]:
     return lambda text: units.parse_int(text, minimum, maximum)
+
+
+def _workers(text: str) -> int:
+    """
+    A number of worker processes, or C{auto}: one per core this process may
+    run on.
+    """
+    if text.strip() == "auto":
+        return cores()
+    try:
+        return units.parse_int(text, 1, 1024)
+    except ValueError:
+        raise ValueError(
+            f"expected auto or a number from 1 to 1024, got {text.strip()!r}"
+        ) from None
+
+
+def cores() -> int:
+    """
+    The cores this process may run on (its CPU affinity), as NGINX's
+    C{worker_processes auto} counts them.
+    """
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def shareable_endpoint(description: str) -> bool:
+    """
+    Whether the socket of a listen endpoint can be opened once and handed
+    to worker processes: a tcp, tcp6 or unix stream socket.
+    """
+    return description.partition(":")[0] in ("tcp", "tcp6", "unix")
 
 
 def _percentage(text: str) -> float:
@@ -1190,6 +1241,12 @@ def describe(config: Config) -> Iterator[str]:
         yield f"listen      {endpoint} (http)"
     for endpoint in config.lb.tls_listen:
         yield f"listen      {endpoint} (tls)"
+    workers = config.lb.workers
+    yield (
+        f"workers     {workers} processes sharing the listeners"
+        if workers > 1
+        else "workers     1 (one process)"
+    )
     for pool in config.pools:
         details = [pool.balance]
         if pool.balance == "hash":

@@ -1,6 +1,9 @@
 # -*- test-case-name: tests.test_ratelimit -*-
 """
-Token-bucket rate limiting, per reactor (each process keeps its own buckets).
+Token-bucket rate limiting, per reactor (each process keeps its own buckets;
+with C{[lb] workers = N} each worker process enforces a share of C{1/N} of
+the rate and of the burst, at least one token, so that together they admit
+what the route allows).
 
 A bucket holds up to C{burst} tokens and refills continuously at C{rate}
 tokens a second, on the injected clock; a request takes one token or is
@@ -37,7 +40,8 @@ class Decision:
 
 class RateLimiter:
     """
-    One route's limit: a token bucket per key.
+    One route's limit: a token bucket per key. C{share} is how many
+    processes enforce the limit together; this one takes its part of it.
     """
 
     # How many idle buckets one request may sweep away, to keep each request's
@@ -45,12 +49,18 @@ class RateLimiter:
     _SWEEP = 4
 
     def __init__(
-        self, name: str, config: RateLimitConfig, clock: IReactorTime, max_keys: int
+        self,
+        name: str,
+        config: RateLimitConfig,
+        clock: IReactorTime,
+        max_keys: int,
+        share: int = 1,
     ) -> None:
         self.name = name
         self.config = config
-        self.rate = config.rate
-        self.burst = float(config.burst)
+        self.share = share
+        self.rate = config.rate / share
+        self.burst = max(1.0, config.burst / share)
         self.max_keys = max_keys
         self._clock = clock
         # key -> [tokens, time of last update], least recently used first.

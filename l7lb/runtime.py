@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from treq.client import HTTPClient
-from twisted.internet.defer import DeferredList
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -122,6 +122,11 @@ class Runtime:
         self._secret_file: str | None = None
         self._secret = b""
         self.running = False
+        # How many processes serve together ([lb] workers): each enforces
+        # this share of every rate limit.
+        self.share = 1
+        # Connections of backends no longer configured, still closing.
+        self._retiring: list[Deferred[Any]] = []
 
     @property
     def sites(self) -> tuple[BalancerSite, BalancerSite]:
@@ -253,8 +258,11 @@ class Runtime:
         if checker is not None:
             checker.stop()
         self._settings.pop(backend, None)
-        if backend.inflight == 0:
-            backend.client.close()
+        # Idle connections close now, busy ones after their answer; stop()
+        # waits for them.
+        closed = backend.client.close()
+        self._retiring.append(closed)
+        closed.addBoth(lambda result: self._retiring.remove(closed))
 
     def _policies(self, config: Config) -> dict[str, RoutePolicy]:
         policies = {}
@@ -268,12 +276,14 @@ class Runtime:
                     limiter is None
                     or limiter.config != route.rate_limit
                     or limiter.max_keys != config.ratelimit_max_keys
+                    or limiter.share != self.share
                 ):
                     limiter = RateLimiter(
                         route.name,
                         route.rate_limit,
                         self.reactor,
                         config.ratelimit_max_keys,
+                        share=self.share,
                     )
             if access is not None or limiter is not None:
                 policies[route.name] = RoutePolicy(access, limiter)
@@ -360,7 +370,7 @@ class Runtime:
         if self._flusher.running:
             self._flusher.stop()
         self.access_log.close()
-        closing = [self.probe_connections.closeCachedConnections()]
+        closing = [self.probe_connections.closeCachedConnections(), *self._retiring]
         for pool in self.pools.values():
             for backend in pool.backends:
                 if backend.passive is not None:

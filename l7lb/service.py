@@ -17,11 +17,21 @@ C{drain_timeout} to finish, then everything else stops.
 from __future__ import annotations
 
 import contextlib
+import re
+import socket
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet import unix
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    fail,
+    inlineCallbacks,
+    succeed,
+)
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
     IListeningPort,
@@ -30,6 +40,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from l7lb.config import Config, ConfigError
 from l7lb.pool import Pool
@@ -107,6 +118,59 @@ def listen_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
     return endpoint
 
 
+@implementer(IStreamServerEndpoint)
+class AdoptedEndpoint:
+    """
+    Serves on a listening socket that another process opened (the
+    supervisor of worker processes) and handed down as descriptor C{fd}:
+    every process that adopts it accepts from the one queue, so a process
+    that stops leaves the connections waiting there to the others.
+    C{description} is the listen string the socket was opened for.
+    """
+
+    def __init__(self, reactor: Any, fd: int, description: str) -> None:
+        self.reactor = reactor
+        self.fd = fd
+        self.description = description
+
+    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
+        kind = self.description.partition(":")[0]
+        try:
+            if kind == "unix":
+                port: IListeningPort = _SharedUNIXPort._fromListeningDescriptor(
+                    self.reactor, self.fd, factory
+                )
+                port.mode = _unix_mode(self.description)  # type: ignore[attr-defined]
+                port.startListening()
+            else:
+                family = socket.AF_INET6 if kind == "tcp6" else socket.AF_INET
+                port = self.reactor.adoptStreamPort(self.fd, family, factory)
+        except Exception:
+            return fail()
+        return succeed(port)
+
+
+class _SharedUNIXPort(unix.Port):
+    """
+    A unix socket adopted from the supervisor, who owns its path: stopping
+    to listen here must not remove the path that other workers serve.
+    """
+
+    def connectionLost(self, reason: Failure) -> None:
+        super(unix.Port, self).connectionLost(reason)
+
+
+def _unix_mode(description: str) -> int:
+    """
+    The C{mode=} of a unix endpoint string (octal), Twisted's 0666 without.
+    """
+    for option in re.split(r"(?<!\\):", description)[1:]:
+        name, _, value = option.partition("=")
+        if name == "mode":
+            return int(value, 8)
+    return 0o666
+
+
 class BalancerService(MultiService):
     """
     A running balancer. C{pools}, C{policies} and C{listeners} are there to
@@ -129,6 +193,11 @@ class BalancerService(MultiService):
         self.runtime.https_port = self.https_port
         self.state = state or RuntimeState()
         self._listeners: dict[tuple[str, str], ListenerService] = {}
+        # Where a listen string is served: its own endpoint, or (in a
+        # worker process) a socket inherited from the supervisor.
+        self.endpoint_for: Callable[[str], IStreamServerEndpoint] = partial(
+            listen_endpoint, reactor
+        )
         self.admin: ListenerService | None = None
         self.admin_factory: Callable[[BalancerService], IProtocolFactory] | None = None
 
@@ -199,9 +268,7 @@ class BalancerService(MultiService):
         for key, factory in wanted.items():
             if key in self._listeners:
                 continue
-            listener = ListenerService(
-                listen_endpoint(self.reactor, key[1]), factory, key[1]
-            )
+            listener = ListenerService(self.endpoint_for(key[1]), factory, key[1])
             try:
                 # Started at once when the balancer already runs.
                 listener.setServiceParent(self)
@@ -220,11 +287,16 @@ class BalancerService(MultiService):
         problems (empty when the new configuration took effect).
         """
         try:
-            config = self.state.config(self.config_path)
+            config = self.load(self.state)
         except ConfigError as e:
             for problem in e.problems:
                 log.error("reload refused: {problem}", problem=problem)
             return e.problems
+        if config.lb.workers != self.config.lb.workers and self.runtime.share == 1:
+            log.warn(
+                "[lb] workers = {workers} takes effect at the next start",
+                workers=config.lb.workers,
+            )
         try:
             problems = self.apply(config)
         except ValueError as e:  # a certificate changed under us
@@ -234,6 +306,14 @@ class BalancerService(MultiService):
         log.info("configuration reloaded from {path}", path=self.config_path)
         return problems
 
+    def load(self, state: RuntimeState) -> Config:
+        """
+        The file with C{state}'s changes on top, validated.
+
+        @raise ConfigError: with every problem.
+        """
+        return state.config(self.config_path)
+
     def change(self, state: RuntimeState) -> list[str]:
         """
         Apply runtime changes (from the admin API): validated like the file,
@@ -241,7 +321,7 @@ class BalancerService(MultiService):
         Nothing is changed when they are refused; returns the problems.
         """
         try:
-            config = state.config(self.config_path)
+            config = self.load(state)
         except ConfigError as e:
             return e.problems
         admin = config.admin

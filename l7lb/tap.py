@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import IService
 from twisted.logger import Logger
@@ -16,6 +16,9 @@ from twisted.python import usage
 from l7lb.config import Config, ConfigError, describe, load
 from l7lb.service import BalancerService, build, read_runtime_state
 from l7lb.state import RuntimeState
+
+if TYPE_CHECKING:
+    from l7lb.supervisor import Supervisor
 
 log = Logger()
 
@@ -57,6 +60,21 @@ class Options(usage.Options):
             for line in describe(self.config):
                 print(line)
             raise SystemExit(0)
+        install_reactor()
+
+
+def install_reactor() -> None:
+    """
+    Run on l7lb's reactor (L{l7lb.reactor}) unless one is installed already,
+    as C{twistd --reactor NAME} does.
+    """
+    if "twisted.internet.reactor" in sys.modules:
+        return
+    try:
+        from l7lb import reactor
+    except ImportError:  # no epoll on this platform: Twisted's default
+        return
+    reactor.install()
 
 
 def makeService(options: Options) -> IService:
@@ -65,6 +83,14 @@ def makeService(options: Options) -> IService:
     config = options.config
     for notice in config.notices:
         log.warn("configuration: {notice}", notice=notice)
+    if config.lb.workers > 1:
+        # This process supervises; worker processes serve.
+        from l7lb.supervisor import Supervisor
+
+        supervisor = Supervisor(reactor, config, options.state)
+        supervisor.exit_on_listen_failure = True
+        reactor.callWhenRunning(_reload_on_hangup, reactor, supervisor)
+        return supervisor
     try:
         service = build(config, reactor, state=options.state)
     except (ValueError, OSError) as e:
@@ -75,11 +101,12 @@ def makeService(options: Options) -> IService:
     return service
 
 
-def _reload_on_hangup(reactor: Any, service: BalancerService) -> None:
+def _reload_on_hangup(reactor: Any, service: BalancerService | Supervisor) -> None:
     """
     SIGHUP reloads the configuration (C{systemctl reload}, C{kill -HUP}).
-    SIGTERM and SIGINT stop gracefully (see L{BalancerService.stopService})
-    and exit 0, where twistd would re-raise the signal and exit with it.
+    SIGTERM and SIGINT stop gracefully (see L{BalancerService.stopService},
+    L{Supervisor.stopService}) and exit 0, where twistd would re-raise the
+    signal and exit with it.
     """
 
     def hangup(signum: int, frame: object) -> None:

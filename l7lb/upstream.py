@@ -25,7 +25,7 @@ from __future__ import annotations
 import ipaddress
 from typing import IO, Any, Protocol
 
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
@@ -344,6 +344,7 @@ class UpstreamConnection(TwistedProtocol):
     def _connect_failed(self, failure: Failure) -> None:
         self._connecting = None
         self._state = _CLOSED
+        self.upstream.lost(self)
         receiver = self._detach()
         if receiver is not None:
             timed_out = failure.check(ConnectTimeout) is not None
@@ -728,8 +729,10 @@ class Upstream:
         self.keepalive_timeout = pool.keepalive_timeout
         self.deadlines = Deadlines.of(reactor)
         self.idle_connections: list[UpstreamConnection] = []
+        # Every connection made and not yet lost, idle or busy.
+        self.connections: set[UpstreamConnection] = set()
         self.closed = False
-        self._lost: dict[UpstreamConnection, Deferred[None]] = {}
+        self._all_closed: list[Deferred[None]] = []
 
     def send(self, request: UpstreamRequest, receiver: ResponseReceiver) -> Call:
         call = _Call()
@@ -748,7 +751,9 @@ class Upstream:
         """
         Send C{request} on a new connection.
         """
-        UpstreamConnection(self).connect(request, receiver, call)
+        connection = UpstreamConnection(self)
+        self.connections.add(connection)
+        connection.connect(request, receiver, call)
 
     def idle(self, connection: UpstreamConnection) -> None:
         """
@@ -770,29 +775,31 @@ class Upstream:
         self.deadlines.unwatch(connection)
 
     def lost(self, connection: UpstreamConnection) -> None:
+        """
+        C{connection} is closed, or never opened.
+        """
         self.forget(connection)
-        waiting = self._lost.pop(connection, None)
-        if waiting is not None:
-            waiting.callback(None)
+        self.connections.discard(connection)
+        if not self.connections and self._all_closed:
+            waiting, self._all_closed = self._all_closed, []
+            for d in waiting:
+                d.callback(None)
 
-    def close(self) -> Deferred[Any]:
+    def close(self) -> Deferred[None]:
         """
         Close the idle connections now, and the others once their request is
-        answered; fires when the idle ones are closed.
+        answered; fires when every connection is closed.
         """
         self.closed = True
         idle, self.idle_connections = self.idle_connections, []
-        waiting = []
         for connection in idle:
             self.deadlines.unwatch(connection)
-            if connection.transport is not None:
-                d: Deferred[None] = Deferred()
-                self._lost[connection] = d
-                waiting.append(d)
             connection._close()
-        if not waiting:
+        if not self.connections:
             return succeed(None)
-        return DeferredList(waiting)
+        d: Deferred[None] = Deferred()
+        self._all_closed.append(d)
+        return d
 
 
 def connector_for(

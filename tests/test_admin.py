@@ -408,3 +408,39 @@ class MetricsTests(AdminTestCase):
         self.assertEqual(
             value("l7lb_requests", route="all", pool="-", backend="-", code="4xx"), 2
         )
+
+
+class PrivateAPITests(AdminTestCase):
+    """
+    A worker's private API (see l7lb.supervisor) takes the whole runtime
+    state with PUT /state; the public one does not.
+    """
+
+    @inlineCallbacks
+    def test_state_only_on_the_private_api(self):
+        from l7lb.admin import admin_site
+
+        self.start()
+        state = {"sections": {"pool:extra": {"servers": self.b.url}}, "removed": []}
+        status, _ = yield self.call("PUT", "/state", state)
+        self.assertEqual(status, 404)
+        private = reactor.listenTCP(  # type: ignore[attr-defined]
+            0, admin_site(self.service, private=True), interface="127.0.0.1"
+        )
+        self.addCleanup(private.stopListening)
+        port = private.getHost().port
+        status, body = yield threads.deferToThread(
+            _call, port, "PUT", "/state", state, None
+        )
+        self.assertEqual((status, body), (200, {"applied": True}))
+        self.assertIn("extra", self.service.pools)
+        status, body = yield threads.deferToThread(
+            _call,
+            port,
+            "PUT",
+            "/state",
+            {"sections": {"route:x": {"pool": "nowhere"}}},
+            None,
+        )
+        self.assertEqual(status, 400)
+        self.assertIn("names pool 'nowhere'", body["errors"][0])

@@ -630,3 +630,46 @@ class ResilienceKeyTests(ConfigFileMixin, SynchronousTestCase):
             )
             self.assertEqual(len(problems), 1, problems)
             self.assertIn(message, problems[0])
+
+
+class WorkersKeyTests(ConfigFileMixin, SynchronousTestCase):
+    def test_values(self):
+        from l7lb.config import cores
+
+        self.assertEqual(self.load_text(MINIMAL).lb.workers, 1)
+        with_workers = MINIMAL.replace("[lb]", "[lb]\nworkers = {}")
+        self.assertEqual(self.load_text(with_workers.format("4")).lb.workers, 4)
+        self.assertEqual(
+            self.load_text(with_workers.format("auto")).lb.workers, cores()
+        )
+        self.assertEqual(cores(), len(os.sched_getaffinity(0)))
+
+    def test_mistakes(self):
+        for value in ("0", "-1", "two", "1025", "2.5", ""):
+            problems = self.problems(
+                MINIMAL.replace("[lb]", f"[lb]\nworkers = {value}")
+            )
+            self.assertEqual(
+                problems,
+                [
+                    f"FILE: [lb] workers: expected auto or a number from 1 to 1024, "
+                    f"got {value!r}"
+                ],
+            )
+
+    def test_listeners_must_be_shareable(self):
+        from l7lb.config import shareable_endpoint
+
+        for description, ok in [
+            ("tcp:8080:interface=127.0.0.1", True),
+            ("tcp6:8080:interface=\\:\\:1", True),
+            ("unix:/run/l7lb.sock", True),
+            ("ssl:443", False),
+            ("systemd:domain=INET:index=0", False),
+        ]:
+            self.assertEqual(shareable_endpoint(description), ok, description)
+
+    def test_described(self):
+        config = self.load_text(MINIMAL.replace("[lb]", "[lb]\nworkers = 3"))
+        self.assertIn("workers     3 processes sharing the listeners", describe(config))
+        self.assertIn("workers     1 (one process)", describe(self.load_text(MINIMAL)))

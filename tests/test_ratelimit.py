@@ -120,3 +120,28 @@ class MemoryTests(SynchronousTestCase):
         for n in range(20_000):
             limit.check(f"attacker-{n}")
         self.assertEqual(len(limit), 1000)
+
+
+class ShareTests(SynchronousTestCase):
+    """
+    With N worker processes each enforces 1/N of the rate and the burst.
+    """
+
+    def test_rate_and_burst_divided(self):
+        clock = Clock()
+        config = RateLimitConfig(10.0, 4, "global", "10/s", 10, 1)
+        limit = RateLimiter("api", config, clock, 100, share=2)
+        self.assertEqual((limit.rate, limit.burst), (5.0, 2.0))
+        self.assertEqual(
+            [limit.check("k").allowed for _ in range(3)], [True, True, False]
+        )
+        clock.advance(0.2)  # one token at 5/s
+        self.assertTrue(limit.check("k").allowed)
+        # The policy announced is the route's, as configured.
+        self.assertEqual(limit.policy, b'"api";q=10;w=1')
+
+    def test_burst_at_least_one(self):
+        config = RateLimitConfig(1.0, 1, "global", "1/s", 1, 1)
+        limit = RateLimiter("api", config, Clock(), 100, share=4)
+        self.assertEqual((limit.rate, limit.burst), (0.25, 1.0))
+        self.assertTrue(limit.check("k").allowed)

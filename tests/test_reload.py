@@ -6,6 +6,7 @@ in-flight requests finishing at shutdown.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import textwrap
@@ -13,8 +14,12 @@ import threading
 import time
 
 from twisted.internet import threads
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
 
+from l7lb.config import load
+from l7lb.runtime import Runtime
 from tests.support import CLIENT_TIMEOUT, IntegrationTest, closed_port, fetch
 from tests.tlssupport import Certificates, handshake
 
@@ -249,8 +254,14 @@ class ShutdownTests(ReloadTestCase):
         slow = threads.deferToThread(_get_with_headers, port, "/hang")
         yield self.until(lambda: len(a.hanging) == 1)
         stopping = service.stopService()
-        # No new connections; the idle keep-alive one is closed.
-        refused = yield threads.deferToThread(_connect_refused, port)
+        # No new connections (the port closes on the reactor's next turn);
+        # the idle keep-alive one is closed.
+        deadline = time.monotonic() + 5
+        refused = False
+        while not refused and time.monotonic() < deadline:
+            # A connection queued just before the port closed times out.
+            with contextlib.suppress(OSError):
+                refused = yield threads.deferToThread(_connect_refused, port)
         self.assertTrue(refused)
         closed = yield threads.deferToThread(_closed_by_server, idle)
         self.assertTrue(closed)
@@ -302,3 +313,46 @@ def _closed_by_server(connection: http.client.HTTPConnection) -> bool:
         return connection.sock.recv(1) == b""
     except ConnectionResetError:
         return True
+
+
+class _Closing:
+    """
+    An upstream client whose connections take until C{finish()} to close.
+    """
+
+    def __init__(self, reactor, server, pool) -> None:
+        self.closing: Deferred[None] = Deferred()
+
+    def send(self, request, receiver):
+        raise AssertionError("no request in this test")
+
+    def close(self) -> Deferred[None]:
+        return self.closing
+
+
+class RetiredBackendTests(SynchronousTestCase):
+    def test_stop_waits_for_the_connections_of_a_removed_backend(self):
+        directory = self.mktemp()
+        os.makedirs(directory)
+        path = os.path.join(directory, "lb.ini")
+
+        def write(servers: str) -> None:
+            with open(path, "w") as f:
+                f.write(
+                    "[lb]\nlisten = tcp:0:interface=127.0.0.1\naccess_log = off\n"
+                    f"[pool:p]\nservers = {servers}\n[route:r]\npool = p\n"
+                )
+
+        write("http://127.0.0.1:1 http://127.0.0.1:2")
+        runtime = Runtime(Clock(), _Closing)
+        runtime.apply(load(path))
+        removed = runtime.pools["p"].backends[1]
+        write("http://127.0.0.1:1")
+        runtime.apply(load(path))
+        self.assertTrue(removed.retired)
+        for backend in runtime.pools["p"].backends:
+            backend.client.closing.callback(None)
+        stopped = runtime.stop()
+        self.assertNoResult(stopped)
+        removed.client.closing.callback(None)
+        self.successResultOf(stopped)

@@ -73,6 +73,17 @@ class OptionsTests(SynchronousTestCase):
         self.assertIsInstance(service, BalancerService)
         self.assertTrue(service.exit_on_listen_failure)
 
+    def test_make_service_with_workers(self):
+        from l7lb.supervisor import Supervisor
+
+        path = write(self, MINIMAL.replace("[lb]", "[lb]\nworkers = 2"))
+        options = tap.Options()
+        options.parseOptions(["--config", path])
+        service = tap.makeService(options)
+        self.assertIsInstance(service, Supervisor)
+        self.assertTrue(service.exit_on_listen_failure)
+        self.assertFalse(service.running)
+
 
 class ListenFailureTests(SynchronousTestCase):
     def test_port_in_use(self):

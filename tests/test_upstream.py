@@ -372,11 +372,13 @@ class PoolTests(SynchronousTestCase):
         self.assertFalse(tb.disconnecting)  # still answering
         self.assertNoResult(closed)
         pa.connectionLost(Failure(ConnectionDone()))
-        self.successResultOf(closed)
+        self.assertNoResult(closed)  # the busy one is still open
         # The busy one is closed once answered, not pooled.
         pb.dataReceived(OK)
         self.assertTrue(tb.disconnecting)
         self.assertEqual(memory.upstream.idle_connections, [])
+        pb.connectionLost(Failure(ConnectionDone()))
+        self.successResultOf(closed)
 
     def test_close_with_nothing_idle(self):
         self.successResultOf(Memory().upstream.close())
