@@ -191,6 +191,7 @@ class LBConfig:
     secret_file: str | None = None
     client_header_timeout: float = 10.0
     client_body_timeout: float = 120.0
+    send_timeout: float = 60.0
     max_connections: int = 0
     max_connections_per_ip: int = 0
     max_headers: int = 100
@@ -354,6 +355,7 @@ _KNOWN_LB_KEYS = frozenset(
         "secret_file",
         "client_header_timeout",
         "client_body_timeout",
+        "send_timeout",
         "max_connections",
         "max_connections_per_ip",
         "max_headers",
@@ -514,6 +516,7 @@ class _Reader:
             client_body_timeout=self.value(
                 section, "client_body_timeout", _positive_duration, 120.0
             ),
+            send_timeout=self.value(section, "send_timeout", _positive_duration, 60.0),
             max_connections=self.value(
                 section, "max_connections", _count(0, 10_000_000), 0
             ),

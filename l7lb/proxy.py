@@ -60,8 +60,9 @@ class _Exchange:
     if either side goes away.
 
     Its deadline is the response timeout until the response head arrives,
-    then the idle timeout between body bytes, a clock that stops while the
-    client is the one holding things up.
+    then the idle timeout between body bytes from the backend; while the
+    client is the one holding things up (it does not read, and the backend
+    read is paused), the client has C{[lb] send_timeout} to take more.
     """
 
     deadline = NEVER
@@ -366,6 +367,9 @@ class _Exchange:
     # Deadlines
 
     def expired(self) -> None:
+        if self.paused:
+            self._client_stalled()
+            return
         call = self.call
         self.call = None
         if call is not None:
@@ -380,9 +384,24 @@ class _Exchange:
 
     def pauseProducing(self) -> None:
         self.paused = True
-        self.deadline = NEVER
+        request = self.request
+        self.deadline = (
+            self.forwarder.clock.seconds() + request.site.limits.send_timeout
+        )
         if self.call is not None:
             self.call.pause()
+
+    def _client_stalled(self) -> None:
+        """
+        The client took nothing of the answer for C{send_timeout}: it loses
+        the exchange (and its connection), the backend is not to blame.
+        """
+        self.client_left = True
+        call = self.call
+        self._release()
+        if call is not None:
+            call.cancel()
+        self.request.abort("client did not read within send_timeout")
 
     def resumeProducing(self) -> None:
         self.paused = False

@@ -576,7 +576,7 @@ class ResilienceKeyTests(ConfigFileMixin, SynchronousTestCase):
         config = self.load_text(
             MINIMAL.replace(
                 "[lb]\n",
-                "[lb]\nclient_header_timeout = 2s\nclient_body_timeout = 30s\nmax_connections = 1000\nmax_connections_per_ip = 20\nmax_headers = 50\n",
+                "[lb]\nclient_header_timeout = 2s\nclient_body_timeout = 30s\nmax_connections = 1000\nmax_connections_per_ip = 20\nmax_headers = 50\nsend_timeout = 20s\n",
             ).replace(
                 "servers = http://127.0.0.1:8081",
                 "servers = http://127.0.0.1:8081\nmax_fails = 5\nfail_timeout = 30s\nfail_on_5xx = on\n"
@@ -612,8 +612,9 @@ class ResilienceKeyTests(ConfigFileMixin, SynchronousTestCase):
                 lb.max_connections,
                 lb.max_connections_per_ip,
                 lb.max_headers,
+                lb.send_timeout,
             ),
-            (2.0, 30.0, 1000, 20, 50),
+            (2.0, 30.0, 1000, 20, 50, 20.0),
         )
 
     def test_mistakes(self):

@@ -180,3 +180,56 @@ class RepresentationLengthTests(SynchronousTestCase):
             _, transport = lb.get()
             self.assertTrue(transport.value().startswith(b"HTTP/1.1 304 X\r\n"))
             self.assertNotIn(b"Content-Length", transport.value(), value)
+
+
+class _Streaming:
+    """
+    A backend twin that sends a head and the first bytes of a long body,
+    then waits.
+    """
+
+    def __init__(self) -> None:
+        self.cancelled = 0
+
+    def send(self, request, receiver):
+        def cancelled():
+            self.cancelled += 1
+
+        call = _MemoryCall(cancelled)
+        receiver.response_head(
+            ResponseHead(b"1.1", 200, b"OK", Fields(), length=1_000_000)
+        )
+        receiver.response_body(b"x" * 1000)
+        return call
+
+    def close(self):
+        return succeed(None)
+
+
+class SendTimeoutTests(SynchronousTestCase):
+    def test_client_that_stops_reading_loses_the_exchange(self):
+        backend = _Streaming()
+        lb = MemoryBalancer([backend], idle_timeout=300.0)
+        _, transport = lb.get()
+        relay = transport.producer
+        relay.pauseProducing()  # the client's socket is full
+        send_timeout = lb.site.limits.send_timeout
+        lb.clock.advance(send_timeout - 2 * TICK)
+        self.assertEqual(backend.cancelled, 0)
+        self.assertFalse(transport.disconnecting)
+        lb.clock.advance(3 * TICK)
+        self.assertEqual(backend.cancelled, 1)
+        self.assertTrue(transport.disconnecting)  # cut: the body is short
+        self.assertEqual(lb.pool.backends[0].inflight, 0)
+        self.assertFalse(lb.pool.backends[0].ejected)
+
+    def test_a_reading_client_is_not_hurried(self):
+        backend = _Streaming()
+        lb = MemoryBalancer([backend], idle_timeout=300.0)
+        _, transport = lb.get()
+        relay = transport.producer
+        relay.pauseProducing()
+        lb.clock.advance(lb.site.limits.send_timeout / 2)
+        relay.resumeProducing()  # the client read some
+        lb.clock.advance(lb.site.limits.send_timeout)
+        self.assertEqual(backend.cancelled, 0)
