@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
 from twisted.internet.interfaces import (
     IPushProducer,
@@ -261,16 +261,34 @@ class HealthChecker:
         self.on_result: Callable[[ProbeResult], None] | None = None
         self._loop = LoopingCall(self.run_check)
         self._loop.clock = clock
+        self._probing: Deferred[ProbeResult] | None = None
 
     def start(self) -> None:
         self._loop.start(self.check.interval, now=True)
 
     def stop(self) -> None:
+        """
+        No more checks; one under way is dropped (its connection closed),
+        its result ignored.
+        """
         if self._loop.running:
             self._loop.stop()
+        probing, self._probing = self._probing, None
+        if probing is not None:
+            probing.cancel()
 
     def run_check(self) -> Deferred[None]:
-        return self.probe.probe().addCallback(self._record)
+        probing = self._probing = self.probe.probe()
+
+        def done(result: ProbeResult) -> None:
+            if self._probing is probing:
+                self._probing = None
+                self._record(result)
+
+        def dropped(failure: Failure) -> None:
+            failure.trap(CancelledError)  # by stop()
+
+        return probing.addCallbacks(done, dropped)
 
     def _record(self, result: ProbeResult) -> None:
         self.last = result

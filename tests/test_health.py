@@ -6,7 +6,12 @@ fake clock, the HTTP probe's verdicts, and health moving real traffic.
 from __future__ import annotations
 
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.internet.defer import (
+    Deferred,
+    fail,
+    inlineCallbacks,
+    succeed,
+)
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
@@ -51,13 +56,14 @@ class FakeProbe:
     def __init__(self) -> None:
         self.results: list[ProbeResult] = []
         self.calls = 0
+        self.cancelled = False
         self.pending: Deferred[ProbeResult] | None = None
 
     def probe(self) -> Deferred[ProbeResult]:
         self.calls += 1
         if self.results:
             return succeed(self.results.pop(0))
-        self.pending = Deferred()
+        self.pending = Deferred(lambda d: setattr(self, "cancelled", True))
         return self.pending
 
 
@@ -116,6 +122,15 @@ class CheckerTests(SynchronousTestCase):
         self.probe.pending.callback(ProbeResult(True, "ok"))
         self.clock.advance(5.0)  # the next slot on the 10 s grid
         self.assertEqual(self.probe.calls, 2)
+
+    def test_stop_drops_the_probe_under_way(self):
+        self.checker.start()
+        pending = self.probe.pending
+        assert pending is not None
+        self.checker.stop()
+        self.assertTrue(self.probe.cancelled)
+        self.assertIsNone(self.checker.last)  # its result is not recorded
+        self.assertTrue(self.backend.in_rotation)
 
     def test_stop(self):
         self.probe.results = [ProbeResult(True, "ok")] * 5
