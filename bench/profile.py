@@ -367,6 +367,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     # py-spy runs in the run's temporary directory: give it an absolute path.
     args.raw = args.raw and args.raw.resolve()
+    args.venv = str(Path(args.venv).resolve())
     for option in ("duration", "rate", "warmup", "connections", "top", "workers"):
         if getattr(args, option) < 1:
             parser.error(f"--{option} must be at least 1")

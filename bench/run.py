@@ -749,6 +749,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "after the proxy's, or the last CPU when the proxy has them all)",
     )
     args = parser.parse_args(argv)
+    # Children run in temporary directories: the venv must not be relative.
+    args.venv = str(Path(args.venv).resolve())
     check_environment(parser, args)
     return args
 

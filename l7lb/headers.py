@@ -62,12 +62,22 @@ def connection_tokens(values: Sequence[bytes] | None) -> frozenset[bytes]:
     """
     if not values:
         return frozenset()
+    if len(values) == 1:
+        return _tokens(values[0])
+    return frozenset().union(*map(_tokens, values))
+
+
+@functools.lru_cache(maxsize=1024)
+def _tokens(value: bytes) -> frozenset[bytes]:
+    """
+    The tokens of one C{Connection} value (the same few values come again
+    and again: C{keep-alive}, C{close}).
+    """
     tokens = set()
-    for value in values:
-        for token in value.split(b","):
-            token = token.strip().lower()
-            if token and token not in _PROTECTED:
-                tokens.add(token)
+    for token in value.split(b","):
+        token = token.strip().lower()
+        if token and token not in _PROTECTED:
+            tokens.add(token)
     return frozenset(tokens)
 
 
@@ -175,7 +185,7 @@ def _must_drop(index: dict[bytes, list[bytes]]) -> bool:
     """
     Whether a request has fields that are not forwarded as sent.
     """
-    return bool(index.keys() & _REQUEST_DROPPED) or b"_" in b"".join(index)
+    return not _REQUEST_DROPPED.isdisjoint(index) or b"_" in b"".join(index)
 
 
 def _kept(incoming: Fields) -> list[tuple[bytes, bytes]]:
@@ -288,19 +298,34 @@ def downstream_response_block(
     if raw is None:
         return None
     index = incoming.index
-    drop = index.keys() & _RESPONSE_DROPPED
-    if drop:
-        lengths = index.get(b"content-length")
-        if len(drop) > 1 or lengths is None or len(lengths) != 1:
-            return None
-        # Cut the Content-Length line out of the block.
-        start = (b"\r\n" + raw.lower()).find(b"\r\ncontent-length:")
-        end = raw.find(b"\r\n", start) + 2
-        raw = raw[:start] + raw[end:]
+    if not _RESPONSE_DROPPED.isdisjoint(index):
+        drop = index.keys() & _RESPONSE_DROPPED
+        connection = index.get(b"connection")
+        if connection:
+            drop.update(connection_tokens(connection) & index.keys())
+        if b"via" in drop:
+            return None  # the backend's Via is extended: the general way
+        raw = _cut_lines(raw, drop, index)
     tail = b"Via: %s\r\nX-Request-Id: %s\r\n" % (via, request_id)
     if additions:
         tail += serialise(additions)
     return raw + tail
+
+
+def _cut_lines(
+    raw: bytes, names: Iterable[bytes], index: dict[bytes, list[bytes]]
+) -> bytes:
+    """
+    The field lines of C{raw} without those of the (lower-cased) C{names}.
+    """
+    for name in names:
+        needle = b"\r\n" + name + b":"
+        for _ in index[name]:
+            # In "CRLF + raw", a line of raw that starts at i is found at i.
+            start = (b"\r\n" + raw.lower()).find(needle)
+            end = raw.find(b"\r\n", start) + 2
+            raw = raw[:start] + raw[end:]
+    return raw
 
 
 def _append(values: Iterable[bytes] | None, item: bytes) -> bytes:

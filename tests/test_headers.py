@@ -6,11 +6,14 @@ import ipaddress
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from l7lb.fields import Fields
+from l7lb.fields import Fields, parse_field_lines
 from l7lb.headers import (
     connection_tokens,
+    downstream_response_block,
     downstream_response_fields,
     request_id,
+    serialise,
+    upstream_request_block,
     upstream_request_fields,
 )
 from l7lb.trust import TrustedProxies
@@ -181,3 +184,72 @@ class TrustTests(SynchronousTestCase):
         self.assertFalse(trusted.contains("11.0.0.1"))
         self.assertFalse(trusted.contains("unknown"))
         self.assertFalse(TrustedProxies([]).contains("10.1.2.3"))
+
+
+class ResponseBlockTests(SynchronousTestCase):
+    """
+    The quick way of serialising a response's fields gives the same bytes as
+    the general way, or declines.
+    """
+
+    def general(self, fields: Fields) -> bytes:
+        return serialise(
+            downstream_response_fields(fields, via=b"1.1 l7lb", request_id=b"rid")
+        )
+
+    def quick(self, fields: Fields) -> bytes | None:
+        return downstream_response_block(fields, via=b"1.1 l7lb", request_id=b"rid")
+
+    def parsed(self, block: bytes) -> Fields:
+        lines = block.split(b"\r\n")
+        fields = parse_field_lines(lines)
+        fields.raw = block + b"\r\n"
+        return fields
+
+    def test_same_bytes_as_the_general_way(self):
+        for block in [
+            b"Content-Type: text/plain\r\nContent-Length: 5",
+            b"Server: nginx\r\nDate: x\r\nContent-Length: 5\r\nConnection: keep-alive",
+            b"content-length: 5\r\nKeep-Alive: timeout=5\r\nConnection: Keep-Alive",
+            b"Connection: close, X-Internal\r\nX-Internal: 1\r\nX-Public: 2\r\n"
+            b"x-internal: 3\r\nTransfer-Encoding: chunked",
+            b"Set-Cookie: a=1\r\nSet-Cookie: b=2\r\nX-Request-Id: theirs",
+            b"Cache-Control: no-store",
+        ]:
+            fields = self.parsed(block)
+            self.assertEqual(self.quick(fields), self.general(fields), block)
+
+    def test_declines_to_extend_via(self):
+        fields = self.parsed(b"Via: 1.1 backend\r\nContent-Length: 5")
+        self.assertIsNone(self.quick(fields))
+        self.assertIn(b"Via: 1.1 backend, 1.1 l7lb\r\n", self.general(fields))
+
+    def test_declines_changed_fields(self):
+        fields = self.parsed(b"Content-Length: 5")
+        fields.add(b"X-Added", b"1")
+        self.assertIsNone(self.quick(fields))
+
+
+class RequestBlockTests(SynchronousTestCase):
+    def test_same_bytes_as_the_general_way(self):
+        for block, trusted in [
+            (b"Host: shop.example:8080\r\nAccept: */*", False),
+            (b"Host: h\r\nUser-Agent: x", True),
+            (b"Host: h\r\nConnection: keep-alive\r\nVia: 1.0 old", False),
+            (b"Host: h\r\nX_Forwarded_For: 6.6.6.6", False),
+            (b"Host: h\r\nX-Forwarded-For: 1.2.3.4\r\nForwarded: for=1.2.3.4", True),
+        ]:
+            fields = parse_field_lines(block.split(b"\r\n"))
+            fields.raw = block + b"\r\n"
+            options = dict(
+                client_ip="192.0.2.7",
+                trusted_peer=trusted,
+                proto=b"https",
+                via=b"1.1 l7lb",
+                request_id=b"rid",
+            )
+            self.assertEqual(
+                upstream_request_block(fields, **options),
+                serialise(upstream_request_fields(fields, **options)),
+                block,
+            )
