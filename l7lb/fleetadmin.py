@@ -17,7 +17,7 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 from urllib.parse import quote
 
@@ -126,28 +126,32 @@ class FleetAdmin(AdminAPI):
             "workers": {w: str(answer[1]) for w, answer in others.items()},
         }
 
-    def pools(self) -> Deferred[Answer]:
+    def _merged(
+        self, path: str, combine: Callable[[dict[str, Any]], dict[str, Any]]
+    ) -> Deferred[Answer]:
+        """
+        GET C{path} from every worker; C{combine} makes one answer of the
+        good ones (by worker), to which the number of workers is added.
+        """
+
         def merge(
             answers: tuple[dict[str, Any], dict[str, tuple[int, Any]]],
         ) -> Answer:
             ok, others = answers
             if not ok:
                 return self._none_answered(others)
-            pools = merge_pools({w: a["pools"] for w, a in ok.items()})
-            return 200, {"pools": pools, "workers": len(ok)}
+            return 200, {**combine(ok), "workers": len(ok)}
 
-        return self._answers(b"GET", "/pools").addCallback(merge)
+        return self._answers(b"GET", path).addCallback(merge)
+
+    def pools(self) -> Deferred[Answer]:
+        return self._merged(
+            "/pools",
+            lambda ok: {"pools": merge_pools({w: a["pools"] for w, a in ok.items()})},
+        )
 
     def pool(self, name: str) -> Deferred[Answer]:
-        def merge(
-            answers: tuple[dict[str, Any], dict[str, tuple[int, Any]]],
-        ) -> Answer:
-            ok, others = answers
-            if not ok:
-                return self._none_answered(others)
-            return 200, {**merge_pool(ok), "workers": len(ok)}
-
-        return self._answers(b"GET", f"/pools/{_quote(name)}").addCallback(merge)
+        return self._merged(f"/pools/{_quote(name)}", merge_pool)
 
     def _from_one(self, path: str) -> Deferred[Answer]:
         def relay(replies: dict[str, tuple[int, bytes]]) -> Answer:
@@ -165,22 +169,16 @@ class FleetAdmin(AdminAPI):
         return self._from_one("/config")
 
     def stats(self) -> Deferred[Answer]:
-        def merge(
-            answers: tuple[dict[str, Any], dict[str, tuple[int, Any]]],
-        ) -> Answer:
-            ok, others = answers
-            if not ok:
-                return self._none_answered(others)
+        def combine(ok: dict[str, Any]) -> dict[str, Any]:
             stats = merge_stats(ok)
             stats.update(
                 uptime_seconds=round(time.time() - self.started, 3),
                 pid=os.getpid(),
-                workers=len(ok),
                 worker_restarts=self.fleet.restarts,
             )
-            return 200, stats
+            return stats
 
-        return self._answers(b"GET", "/stats").addCallback(merge)
+        return self._merged("/stats", combine)
 
     def metrics(self) -> Deferred[Answer]:
         def merge(replies: dict[str, tuple[int, bytes]]) -> Answer:
