@@ -23,6 +23,7 @@ import time
 from typing import TYPE_CHECKING, Protocol
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
 if TYPE_CHECKING:
     from l7lb.request import ClientRequest
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 _FLUSH_AT = 64 * 1024
 # The most one write(2) to a regular file carries.
 _FILE_CHUNK = 64 * 1024
+
+log = Logger()
 
 _PRINTABLE = bytes(range(0x21, 0x7F)).replace(b'"', b"").replace(b"\\", b"")
 
@@ -110,6 +113,7 @@ class AccessLog:
         self._stamp = b""
         self._lines: list[bytes] = []
         self._buffered = 0
+        self._failures = 0
 
     @property
     def enabled(self) -> bool:
@@ -232,13 +236,24 @@ class AccessLog:
         limit = getattr(out, "chunk_size", _FILE_CHUNK)
         chunk: list[bytes] = []
         size = 0
-        for line in lines:
-            if chunk and size + len(line) > limit:
-                out.write(b"".join(chunk))
-                chunk, size = [], 0
-            chunk.append(line)
-            size += len(line)
-        out.write(b"".join(chunk))
+        try:
+            for line in lines:
+                if chunk and size + len(line) > limit:
+                    out.write(b"".join(chunk))
+                    chunk, size = [], 0
+                chunk.append(line)
+                size += len(line)
+            out.write(b"".join(chunk))
+        except OSError as e:
+            # A full disk or a closed pipe costs these lines, not the
+            # balancer (nor the flushing that later lines need).
+            self._failures += 1
+            if self._failures == 1 or self._failures % 1000 == 0:
+                log.error(
+                    "access log lines lost ({count} writes failed so far): {error}",
+                    count=self._failures,
+                    error=str(e),
+                )
 
     def close(self) -> None:
         if self._out is not None:

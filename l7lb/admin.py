@@ -393,6 +393,8 @@ class AdminResource(AdminAPI):
         super().__init__(service)
         self.service = service
         self.private = private
+        # The newest runtime state the supervisor sent (private API).
+        self.state_version = 0
         self.registry = registry(
             BalancerCollector(
                 service.runtime.metrics,
@@ -434,6 +436,12 @@ class AdminResource(AdminAPI):
     def other(self, method: bytes, parts: list[str], request: Request) -> Answer:
         if self.private and (method, parts) == (b"PUT", ["state"]):
             body = self._json(request)
+            version = body.get("version", 0)
+            if not isinstance(version, int) or version < self.state_version:
+                # Changes race to the workers on separate connections: an
+                # older state arriving after a newer one is not applied.
+                return 200, {"applied": False, "stale": True}
+            self.state_version = version
             state = RuntimeState(
                 {
                     str(name): {str(k): str(v) for k, v in values.items()}

@@ -239,16 +239,20 @@ Sections = dict[str, dict[str, str]]
 
 
 def load(
-    path: str, overlay: Sections | None = None, removed: Sequence[str] = ()
+    path: str,
+    overlay: Sections | None = None,
+    removed: Sequence[str] = (),
+    text: str | None = None,
 ) -> Config:
     """
     Read and validate the file at C{path}, with runtime changes on top:
     C{overlay} sections replace (or add to) the file's, C{removed} sections
-    are left out.
+    are left out. With C{text}, that is the file's content (read earlier),
+    and C{path} only names it and locates the relative paths in it.
 
     @raise ConfigError: with every problem found.
     """
-    parser = read_sections(path, overlay, removed)
+    parser = read_sections(path, overlay, removed, text)
     return _Reader(path, parser).read()
 
 
@@ -264,7 +268,10 @@ def effective_sections(
 
 
 def read_sections(
-    path: str, overlay: Sections | None = None, removed: Sequence[str] = ()
+    path: str,
+    overlay: Sections | None = None,
+    removed: Sequence[str] = (),
+    text: str | None = None,
 ) -> configparser.ConfigParser:
     parser = configparser.ConfigParser(
         interpolation=None,
@@ -274,8 +281,9 @@ def read_sections(
         default_section="\x00no default section",
     )
     try:
-        with open(path, encoding="utf-8") as f:
-            parser.read_file(f, source=path)
+        if text is None:
+            text = read_text(path)
+        parser.read_string(text, source=path)
     except OSError as e:
         raise ConfigError([f"{path}: cannot read the file: {e.strerror}"]) from None
     except UnicodeDecodeError:
@@ -291,6 +299,14 @@ def read_sections(
         for key, value in values.items():
             parser.set(name, key, value)
     return parser
+
+
+def read_text(path: str) -> str:
+    """
+    A configuration file's content (OSError, UnicodeDecodeError).
+    """
+    with open(path, encoding="utf-8") as f:
+        return f.read()
 
 
 _KNOWN_POOL_KEYS = frozenset(

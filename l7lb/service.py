@@ -17,6 +17,7 @@ C{drain_timeout} to finish, then everything else stops.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import socket
 from collections.abc import Callable
@@ -125,7 +126,8 @@ class AdoptedEndpoint:
     supervisor of worker processes) and handed down as descriptor C{fd}:
     every process that adopts it accepts from the one queue, so a process
     that stops leaves the connections waiting there to the others.
-    C{description} is the listen string the socket was opened for.
+    C{description} is the listen string the socket was opened for. The
+    endpoint owns C{fd}: once adopted it is closed (the port has its copy).
     """
 
     def __init__(self, reactor: Any, fd: int, description: str) -> None:
@@ -147,6 +149,10 @@ class AdoptedEndpoint:
                 port = self.reactor.adoptStreamPort(self.fd, family, factory)
         except Exception:
             return fail()
+        # The port holds a copy of the descriptor: the inherited one would
+        # keep the socket listening after the port stops (a worker draining
+        # after its supervisor died would still take connections).
+        os.close(self.fd)
         return succeed(port)
 
 

@@ -41,13 +41,14 @@ class RuntimeState:
         )
         return RuntimeState(sections, removed)
 
-    def config(self, path: str) -> Config:
+    def config(self, path: str, text: str | None = None) -> Config:
         """
-        The file with these changes on top, validated.
+        The file with these changes on top, validated (C{text} is the file's
+        content when it was read already).
 
         @raise ConfigError: with every problem, as C{--check} words them.
         """
-        return load(path, self.sections, self.removed)
+        return load(path, self.sections, self.removed, text)
 
     def effective(self, path: str) -> Sections:
         return effective_sections(path, self.sections, self.removed)

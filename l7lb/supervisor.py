@@ -50,7 +50,7 @@ from twisted.web.server import Site
 from zope.interface import implementer
 
 import l7lb
-from l7lb.config import Config, ConfigError
+from l7lb.config import Config, ConfigError, read_text
 from l7lb.fleetadmin import FleetAdmin
 from l7lb.health import quiet_pool
 from l7lb.service import ListenerService, ListenFailed, _within, listen_endpoint
@@ -66,6 +66,9 @@ STABLE_AFTER = 10.0
 STOP_MARGIN = 5.0
 # How long the supervisor waits for a worker's private admin API.
 ASK_TIMEOUT = 5.0
+# Workers that die this many times in every place before any has ever
+# served mean l7lb cannot start (a log file it may not open, say).
+START_ATTEMPTS = 3
 
 
 def restart_delay(quick_exits: int) -> float:
@@ -251,6 +254,11 @@ class Supervisor(MultiService):
         self.restarts = 0
         self.state_version = 0
         self.config_version = 0
+        # The configuration's text as last accepted (None: not read yet).
+        self.text: str | None = None
+        # Whether a worker has served yet: until one has, workers that keep
+        # failing mean l7lb cannot start at all.
+        self.served = False
         self.directory: str | None = None
         self.admin: ListenerService | None = None
         self.stopping = False
@@ -264,10 +272,21 @@ class Supervisor(MultiService):
     # Starting.
 
     def startService(self) -> None:
-        self.directory = tempfile.mkdtemp(prefix="l7lb-workers-")
+        try:
+            # What the workers will run: this text, validated, whatever the
+            # file says later until a reload accepts it.
+            self.text = read_text(self.config_path)
+            self.config = self.state.config(self.config_path, self.text)
+        except (OSError, UnicodeDecodeError) as e:
+            raise SystemExit(f"l7lb: cannot read {self.config_path}: {e}") from None
+        except ConfigError as e:
+            raise SystemExit("\n".join(e.problems)) from None
+        self.directory = tempfile.mkdtemp(
+            prefix="l7lb-workers-", dir=os.environ.get("RUNTIME_DIRECTORY") or None
+        )
         self._write_private_state()
-        with open(self._path("secret"), "wb") as f:
-            f.write(os.urandom(32).hex().encode())
+        self._write_private("secret", os.urandom(32).hex().encode())
+        self._write_private("config.ini", self.text.encode("utf-8"))
         problems = [p for key in listener_keys(self.config) if (p := self._open(key))]
         if not problems:
             self._sync_admin()
@@ -297,6 +316,17 @@ class Supervisor(MultiService):
 
     def _write_private_state(self) -> None:
         save_state(self._path("state.json"), self.state)
+
+    def _write_private(self, name: str, content: bytes) -> None:
+        """
+        Replace a file of the private directory at once (write, rename):
+        readable by l7lb's user only.
+        """
+        path = self._path(name)
+        fd = os.open(path + ".new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+        os.replace(path + ".new", path)
 
     def _open(self, key: tuple[str, str]) -> str | None:
         """
@@ -334,27 +364,32 @@ class Supervisor(MultiService):
         return closing
 
     def _sync_admin(self) -> None:
+        """
+        Serve the admin API where the configuration says; a new address is
+        opened before the old one closes, so a failure keeps the old one.
+        """
         admin = self.config.admin
         listen = admin.listen if admin is not None else None
-        if self.admin is not None and self.admin.description != listen:
-            self.admin.disownServiceParent()
-            log.info(
-                "stopped listening on {description}",
-                description=self.admin.description,
-            )
-            self.admin = None
-        if listen is None or self.admin is not None:
+        old = self.admin
+        if old is not None and old.description == listen:
             return
-        site = Site(FleetAdmin(self))
-        site.noisy = False
-        site.displayTracebacks = False
-        listener = ListenerService(listen_endpoint(self.reactor, listen), site, listen)
-        try:
-            listener.setServiceParent(self)
-        except ListenFailed:
-            self.removeService(listener)
-            raise
-        self.admin = listener
+        if listen is not None:
+            site = Site(FleetAdmin(self))
+            site.noisy = False
+            site.displayTracebacks = False
+            endpoint = listen_endpoint(self.reactor, listen)
+            listener = ListenerService(endpoint, site, listen)
+            try:
+                listener.setServiceParent(self)
+            except ListenFailed:
+                self.removeService(listener)
+                raise
+            self.admin = listener
+        else:
+            self.admin = None
+        if old is not None:
+            old.disownServiceParent()
+            log.info("stopped listening on {description}", description=old.description)
 
     def _spawn_all(self) -> None:
         for number in range(1, self._count + 1):
@@ -375,6 +410,8 @@ class Supervisor(MultiService):
             "l7lb.worker",
             "--config",
             self.config_path,
+            "--config-text",
+            self._path("config.ini"),
             "--state",
             self._path("state.json"),
             "--secret-file",
@@ -402,6 +439,7 @@ class Supervisor(MultiService):
     # Workers coming and going.
 
     def worker_ready(self, process: WorkerProcess) -> None:
+        self.served = True
         log.info(
             "worker {worker} (pid {pid}) serves, {seconds:.3f}s after it was started",
             worker=process.worker,
@@ -453,6 +491,10 @@ class Supervisor(MultiService):
     def worker_exited(self, process: WorkerProcess, reason: Failure) -> None:
         if process in self.processes:
             self.processes.remove(process)
+        # A worker killed outright leaves its private socket behind.
+        for leftover in (process.admin_path, process.admin_path + ".lock"):
+            with contextlib.suppress(OSError):
+                os.unlink(leftover)
         how = _how_it_ended(reason)
         if process.retiring or self.stopping:
             log.info(
@@ -477,6 +519,12 @@ class Supervisor(MultiService):
             self._quick_exits[worker] += 1
         else:
             self._quick_exits[worker] = 1
+        if not self.served and all(
+            self._quick_exits[str(n)] >= START_ATTEMPTS
+            for n in range(1, self._count + 1)
+        ):
+            self._cannot_start(process, how)
+            return
         delay = restart_delay(self._quick_exits[worker])
         self.restarts += 1
         log.error(
@@ -492,6 +540,26 @@ class Supervisor(MultiService):
             self._pending[worker] = self.reactor.callLater(delay, self._spawn, worker)
         else:
             self._spawn(worker)
+
+    def _cannot_start(self, process: WorkerProcess, how: str) -> None:
+        """
+        No worker has ever served and every one keeps failing: stop, and
+        exit with status 1 so that systemd (or whoever started l7lb) sees it.
+        """
+        log.critical(
+            "no worker could start ({count} attempts each; the last {how}): "
+            "l7lb stops, exit status 1",
+            count=START_ATTEMPTS,
+            how=how,
+        )
+
+        def exit_with_failure() -> None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+
+        self.reactor.addSystemEventTrigger("after", "shutdown", exit_with_failure)
+        self.reactor.stop()
 
     # What the admin API and the signals ask for.
 
@@ -531,7 +599,11 @@ class Supervisor(MultiService):
     def _send_state(self, processes: list[WorkerProcess]) -> Deferred[dict[str, str]]:
         version = self.state_version
         body = json.dumps(
-            {"sections": self.state.sections, "removed": list(self.state.removed)}
+            {
+                "version": version,
+                "sections": self.state.sections,
+                "removed": list(self.state.removed),
+            }
         ).encode()
         return self._everywhere(
             processes, b"PUT", "/state", body, "state_version", version
@@ -556,7 +628,9 @@ class Supervisor(MultiService):
         ) -> tuple[str, str]:
             status, raw = reply
             if status == 200:
-                setattr(process, version_name, version)
+                # Replies may come back out of order: keep the newest.
+                newest = max(getattr(process, version_name), version)
+                setattr(process, version_name, newest)
                 return process.worker, "applied"
             try:
                 detail = "; ".join(json.loads(raw).get("errors", [])) or str(status)
@@ -591,7 +665,7 @@ class Supervisor(MultiService):
         worker not serving yet gets them when it does.
         """
         try:
-            config = state.config(self.config_path)
+            config = state.config(self.config_path, self.text)
         except ConfigError as e:
             return succeed((e.problems, {}))
         admin = config.admin
@@ -628,25 +702,39 @@ class Supervisor(MultiService):
         self, signal_workers: bool
     ) -> tuple[list[str], Deferred[dict[str, str]] | None]:
         try:
-            config = self.state.config(self.config_path)
+            text = read_text(self.config_path)
+            config = self.state.config(self.config_path, text)
+        except (OSError, UnicodeDecodeError) as e:
+            problem = f"{self.config_path}: cannot read the file: {e}"
+            log.error("reload refused: {problem}", problem=problem)
+            return [problem], None
         except ConfigError as e:
             for problem in e.problems:
                 log.error("reload refused: {problem}", problem=problem)
             return e.problems, None
+        count = max(1, config.lb.workers)
+        new_listeners = listener_keys(config) != self._wanted or count != self._count
+        if new_listeners:
+            refused = self._open_listeners(config)
+            if refused:
+                # Nothing else changes: the workers keep serving as they do.
+                for problem in refused:
+                    log.error("reload refused: {problem}", problem=problem)
+                return refused, None
         old = self.config
-        self.config = config
+        self.config, self.text = config, text
+        self._write_private("config.ini", text.encode("utf-8"))
         problems: list[str] = []
         try:
             self._sync_admin()
         except ListenFailed as e:
             log.error("{problem}", problem=str(e))
             problems.append(str(e))
-        count = max(1, config.lb.workers)
         if config.lb.workers != old.lb.workers and config.lb.workers == 1:
             log.info("workers = 1: one worker process from now on (until a restart)")
         self.config_version += 1
-        if listener_keys(config) != self._wanted or count != self._count:
-            problems += self._new_generation(config, count)
+        if new_listeners:
+            self._new_generation(config, count)
             done: Deferred[dict[str, str]] = succeed(
                 {worker: "applied" for worker in self.serving()}
             )
@@ -667,21 +755,40 @@ class Supervisor(MultiService):
         log.info("configuration reloaded from {path}", path=self.config_path)
         return problems, done
 
-    def _new_generation(self, config: Config, count: int) -> list[str]:
+    def _open_listeners(self, config: Config) -> list[str]:
+        """
+        Open the sockets C{config} adds; if any cannot be opened, close the
+        ones just opened and return the problems (the reload is refused, so
+        no listener is ever lost to one that could not replace it: a listen
+        string whose options change for an address already open counts as
+        new, and takes a restart).
+        """
+        opened, problems = [], []
+        for key in listener_keys(config):
+            if key in self.sockets:
+                continue
+            problem = self._open(key)
+            if problem is None:
+                opened.append(key)
+            else:
+                problems.append(problem)
+        if problems:
+            self._close_sockets(set(opened))
+        return problems
+
+    def _new_generation(self, config: Config, count: int) -> None:
         """
         Start a whole new set of workers for new listeners (or a new number
-        of workers); the old ones stop once the new ones serve.
+        of workers), their sockets open already; the old ones stop once the
+        new ones serve.
         """
         wanted = listener_keys(config)
-        problems = [
-            p for key in wanted if key not in self.sockets if (p := self._open(key))
-        ]
         for call in self._pending.values():
             if call.active():
                 call.cancel()
         self._pending.clear()
         self._quick_exits.clear()
-        self._wanted = tuple(key for key in wanted if key in self.sockets)
+        self._wanted = wanted
         self._count = count
         self.generation += 1
         log.info(
@@ -691,7 +798,6 @@ class Supervisor(MultiService):
             generation=self.generation,
         )
         self._spawn_all()
-        return problems
 
     # Stopping.
 

@@ -3,7 +3,9 @@
 One worker process of C{[lb] workers = N}, started by the supervisor
 (L{l7lb.supervisor}) as C{python -m l7lb.worker}:
 
-    --config FILE          the configuration, read again at every reload
+    --config FILE          the configuration's name (messages, relative paths)
+    --config-text FILE     its content as the supervisor last accepted it,
+                           read again at every reload
     --state FILE           the runtime changes on top (the supervisor's copy)
     --secret-file FILE     the sticky-session key when the file names none
     --admin ENDPOINT       this worker's private admin API (a unix socket)
@@ -49,7 +51,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from l7lb.admin import admin_site
-from l7lb.config import AdminConfig, Config, ConfigError
+from l7lb.config import AdminConfig, Config, ConfigError, read_text
 from l7lb.service import AdoptedEndpoint, BalancerService, ListenFailed, listen_endpoint
 from l7lb.state import RuntimeState, read_state
 
@@ -63,7 +65,13 @@ FIRST_LISTENER_FD = 4
 
 class WorkerOptions(usage.Options):
     optParameters = [
-        ["config", None, None, "The configuration file."],
+        ["config", None, None, "The configuration file's path."],
+        [
+            "config-text",
+            None,
+            None,
+            "The configuration as the supervisor validated it.",
+        ],
         ["state", None, None, "The runtime changes to apply on top (JSON)."],
         [
             "secret-file",
@@ -91,7 +99,7 @@ class WorkerOptions(usage.Options):
         self.listeners[description] = int(fd)
 
     def postOptions(self) -> None:
-        for name in ("config", "admin"):
+        for name in ("config", "config-text", "admin"):
             if not self[name]:
                 raise usage.UsageError(f"--{name} is required")
         for name in ("worker", "workers"):
@@ -117,8 +125,12 @@ class WorkerService(BalancerService):
         admin: str,
         workers: int,
         secret_file: str | None = None,
+        config_text: str | None = None,
     ) -> None:
         super().__init__(reactor, config_path, state=state)
+        # What the supervisor accepted (the file itself may have changed
+        # since, unvalidated); None: the file.
+        self.config_text = config_text
         self.runtime.share = workers
         self.inherited = listeners
         self.private_admin = admin
@@ -134,7 +146,10 @@ class WorkerService(BalancerService):
         return AdoptedEndpoint(self.reactor, fd, description)
 
     def load(self, state: RuntimeState) -> Config:
-        config = super().load(state)
+        if self.config_text is None:
+            config = super().load(state)
+        else:
+            config = state.config(self.config_path, read_text(self.config_text))
         inherited = self.inherited
         lb = dataclasses.replace(
             config.lb,
@@ -288,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             options["admin"],
             options["workers"],
             options["secret-file"],
+            options["config-text"],
         )
         service.apply(service.load(state))
     except ConfigError as e:

@@ -225,3 +225,34 @@ class WholeLinesTests(SynchronousTestCase):
         self.assertEqual(len(lines), 6000)
         for line in lines:
             self.assertIsNotNone(LINE.match(line), line)
+
+
+class _Broken:
+    """
+    An output that fails every write, as a full disk does.
+    """
+
+    chunk_size = 4096
+
+    def __init__(self) -> None:
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        raise OSError(28, "No space left on device")
+
+    def close(self) -> None:
+        pass
+
+
+class FailingOutputTests(SynchronousTestCase):
+    def test_a_failed_write_loses_lines_not_the_flushing(self):
+        out = _Broken()
+        log = AccessLog(out, Clock())  # type: ignore[arg-type]
+        log._lines.append(b"one line\n")
+        log.flush()  # does not raise
+        log._lines.append(b"another\n")
+        log.flush()
+        self.assertEqual(out.writes, 2)
+        self.assertEqual(log._lines, [])
+        self.assertEqual(len(self.flushLoggedErrors()), 0)

@@ -38,7 +38,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from l7lb.config import load
 from l7lb.fleetadmin import agree, merge_metrics, merge_pool, merge_pools, merge_stats
 from l7lb.service import AdoptedEndpoint, BalancerService
-from l7lb.supervisor import Supervisor, restart_delay
+from l7lb.supervisor import START_ATTEMPTS, Supervisor, restart_delay
 from l7lb.worker import WorkerOptions
 from tests.support import IntegrationTest, fetch
 
@@ -476,12 +476,14 @@ class RestartDelayTests(SynchronousTestCase):
         clock = Clock()
         supervisor = Supervisor(clock, _config(self))
         supervisor.generation = 1
+        supervisor.served = True  # a fleet that ran: one place crash-loops
         spawned: list[str] = []
         supervisor._spawn = spawned.append  # type: ignore[method-assign]
 
         class Dead:
             worker, pid, generation, retiring = "1", 99, 1, False
             started = 0.0
+            admin_path = os.path.join(self.mktemp(), "worker-1.sock")
 
         killed = Failure(ProcessTerminated(signal=9))
         for _ in range(3):
@@ -509,12 +511,16 @@ def _config(test: SynchronousTestCase, lb: str = "listen = tcp:0") -> Any:
     directory = test.mktemp()
     os.makedirs(directory)
     path = os.path.join(directory, "lb.ini")
+    _config_file(path, lb)
+    return load(path)
+
+
+def _config_file(path: str, lb: str) -> None:
     with open(path, "w") as f:
         f.write(
             f"[lb]\n{lb}\nworkers = 2\ndrain_timeout = 1s\n"
             "[pool:p]\nservers = http://127.0.0.1:1\n[route:r]\npool = p\n"
         )
-    return load(path)
 
 
 class StopTests(SynchronousTestCase):
@@ -612,6 +618,7 @@ class WorkerOptionsTests(SynchronousTestCase):
         options.parseOptions(
             [
                 "--config=lb.ini",
+                "--config-text=/run/l7lb/config.ini",
                 "--admin=unix:/tmp/w.sock",
                 "--worker=2",
                 "--workers=3",
@@ -808,8 +815,10 @@ class AdoptedSocketTests(IntegrationTest):
                 f"[pool:p]\nservers = {backend.url}\n[route:r]\npool = p\n"
             )
         service = BalancerService(reactor, path)
+        # The endpoint owns the descriptor it is given (a worker's inherited
+        # one): it gets a copy of the test's.
         service.endpoint_for = lambda description: AdoptedEndpoint(
-            reactor, sock.fileno(), description
+            reactor, os.dup(sock.fileno()), description
         )
         service.apply(load(path))
         service.startService()
@@ -886,3 +895,150 @@ class SingleProcessTests(IntegrationTest):
                 for e in events
             )
         )
+
+
+class _StoppableClock(Clock):
+    """
+    A Clock that notes what a supervisor asks of a reactor when it gives up.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopped = False
+        self.triggers: list[tuple[str, str, Any]] = []
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def addSystemEventTrigger(self, phase: str, event: str, call: Any) -> None:
+        self.triggers.append((phase, event, call))
+
+
+class StartFailureTests(SynchronousTestCase):
+    def dead(self, worker: str, clock: Clock) -> Any:
+        class Dead:
+            pid, generation, retiring = 99, 1, False
+            started = clock.seconds()
+            admin_path = os.path.join(self.mktemp(), "worker.sock")
+
+        Dead.worker = worker  # type: ignore[attr-defined]
+        return Dead()
+
+    def test_gives_up_when_no_worker_ever_serves(self):
+        clock = _StoppableClock()
+        supervisor = Supervisor(clock, _config(self))  # two workers
+        supervisor.generation = 1
+        supervisor._spawn = lambda worker: None  # type: ignore[method-assign]
+        failed = Failure(ProcessTerminated(exitCode=1))
+        for attempt in range(START_ATTEMPTS):
+            for worker in ("1", "2"):
+                dead = self.dead(worker, clock)
+                clock.advance(0.5)
+                supervisor.worker_exited(dead, failed)
+            if attempt < START_ATTEMPTS - 1:
+                self.assertFalse(clock.stopped)
+        self.assertTrue(clock.stopped)
+        self.assertEqual([t[:2] for t in clock.triggers], [("after", "shutdown")])
+
+    def test_keeps_trying_once_a_worker_has_served(self):
+        clock = _StoppableClock()
+        supervisor = Supervisor(clock, _config(self))
+        supervisor.generation = 1
+        supervisor.served = True
+        supervisor._spawn = lambda worker: None  # type: ignore[method-assign]
+        failed = Failure(ProcessTerminated(exitCode=1))
+        for _ in range(START_ATTEMPTS + 2):
+            for worker in ("1", "2"):
+                clock.advance(0.5)
+                supervisor.worker_exited(self.dead(worker, clock), failed)
+        self.assertFalse(clock.stopped)
+
+
+class ReloadRefusalTests(SynchronousTestCase):
+    def test_a_listener_that_cannot_open_refuses_the_reload(self):
+        config = _config(self, "listen = tcp:1:interface=127.0.0.1")
+        supervisor = Supervisor(Clock(), config)
+        first = ("http", "tcp:1:interface=127.0.0.1")
+        supervisor._wanted = (first,)
+        supervisor.sockets[first] = object()  # type: ignore[assignment]
+        old = supervisor.config
+        opened: list[Any] = []
+
+        def fake_open(key):
+            if key[1].startswith("tcp:2"):
+                return f"cannot listen on {key[1]}: Address already in use"
+            opened.append(key)
+            supervisor.sockets[key] = object()
+            return None
+
+        closed: list[set] = []
+        supervisor._open = fake_open  # type: ignore[method-assign]
+        supervisor._close_sockets = closed.append  # type: ignore[method-assign]
+        supervisor._new_generation = lambda *a: self.fail("a new generation")  # type: ignore[method-assign]
+        _config_file(
+            config.source,
+            "listen = tcp:1:interface=127.0.0.1 tcp:2:interface=127.0.0.1 "
+            "tcp:3:interface=127.0.0.1",
+        )
+        problems = supervisor.reload()
+        self.assertEqual(
+            problems,
+            ["cannot listen on tcp:2:interface=127.0.0.1: Address already in use"],
+        )
+        self.assertIs(supervisor.config, old)  # nothing else changed
+        # The socket opened for this reload is closed again.
+        self.assertEqual(opened, [("http", "tcp:3:interface=127.0.0.1")])
+        self.assertEqual(closed, [{("http", "tcp:3:interface=127.0.0.1")}])
+        self.flushLoggedErrors()
+
+
+class PrivateStateTests(SynchronousTestCase):
+    def test_an_older_state_arriving_late_is_not_applied(self):
+        from io import BytesIO
+        from types import SimpleNamespace
+
+        from l7lb.admin import AdminResource
+
+        applied: list[Any] = []
+        service = SimpleNamespace(
+            runtime=SimpleNamespace(metrics=None, pools={}, policies={}),
+            change=lambda state: applied.append(state.sections) or [],
+        )
+        resource = AdminResource(service, private=True)  # type: ignore[arg-type]
+
+        def put(version: int, sections: dict) -> Any:
+            body = json.dumps({"version": version, "sections": sections})
+            request = SimpleNamespace(content=BytesIO(body.encode()))
+            return resource.other(b"PUT", ["state"], request)  # type: ignore[arg-type]
+
+        newer = {"pool:p": {"servers": "http://127.0.0.1:2"}}
+        older = {"pool:p": {"servers": "http://127.0.0.1:1"}}
+        self.assertEqual(put(6, newer), (200, {"applied": True}))
+        self.assertEqual(put(5, older), (200, {"applied": False, "stale": True}))
+        self.assertEqual(applied, [newer])
+
+
+class ConfigSnapshotTests(SynchronousTestCase):
+    def test_a_worker_runs_the_text_the_supervisor_accepted(self):
+        from l7lb.state import RuntimeState
+        from l7lb.worker import WorkerService
+
+        config = _config(self)
+        accepted = os.path.join(os.path.dirname(config.source), "accepted.ini")
+        with open(config.source) as f, open(accepted, "w") as out:
+            out.write(f.read())
+        # The file changes afterwards, with a mistake nobody validated.
+        with open(config.source, "a") as f:
+            f.write("[lb-typo]\n")
+        service = WorkerService(
+            Clock(),
+            config.source,
+            RuntimeState(),
+            {},
+            "unix:/nonexistent/w.sock",
+            2,
+            config_text=accepted,
+        )
+        loaded = service.load(RuntimeState())
+        self.assertEqual(loaded.source, config.source)  # named as the file
+        self.assertEqual([p.name for p in loaded.pools], ["p"])
