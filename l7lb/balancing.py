@@ -55,11 +55,7 @@ class RoundRobin:
         for step in range(count):
             index = (start + step) % count
             backend = backends[index]
-            if (
-                backend.in_rotation
-                and backend.inflight < backend.max_inflight
-                and backend not in exclude
-            ):
+            if backend.can_take(exclude):
                 self._next = index + 1
                 return backend
         return None
@@ -86,11 +82,7 @@ class SmoothWeightedRoundRobin:
         best: Backend | None = None
         best_weight = 0.0
         for backend in backends:
-            if (
-                not backend.in_rotation
-                or backend.inflight >= backend.max_inflight
-                or backend in exclude
-            ):
+            if not backend.can_take(exclude):
                 continue
             effective = backend.current_weight()
             weight = current.get(backend, 0.0) + effective
@@ -130,11 +122,7 @@ class LeastConnections:
         for step in range(count):
             index = (start + step) % count
             backend = backends[index]
-            if (
-                not backend.in_rotation
-                or backend.inflight >= backend.max_inflight
-                or backend in exclude
-            ):
+            if not backend.can_take(exclude):
                 continue
             weight = backend.current_weight()
             if best is None or backend.inflight * best_weight < best.inflight * weight:
@@ -160,11 +148,7 @@ class PowerOfTwoChoices:
         exclude: Container[Backend] = (),
         key: bytes | None = None,
     ) -> Backend | None:
-        candidates = [
-            b
-            for b in backends
-            if b.in_rotation and b.inflight < b.max_inflight and b not in exclude
-        ]
+        candidates = [b for b in backends if b.can_take(exclude)]
         if len(candidates) < 2:
             return candidates[0] if candidates else None
         weights = [b.current_weight() for b in candidates]
@@ -239,11 +223,7 @@ class ConsistentHash:
             backend = owners[(start + step) % count]
             if backend in seen:
                 continue
-            if (
-                backend.in_rotation
-                and backend.inflight < backend.max_inflight
-                and backend not in exclude
-            ):
+            if backend.can_take(exclude):
                 return backend
             seen.add(backend)
             if len(seen) == len(self._built_for):

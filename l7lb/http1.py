@@ -209,10 +209,6 @@ class HTTP1Request(ClientRequest):
         super().__init__(connection.site, connection.host)
         self.connection = connection
 
-    @property
-    def keeps_alive(self) -> bool:
-        return self.connection.persistent
-
     def local_address(self) -> Any:
         return self.connection.transport.getHost()  # type: ignore[union-attr]
 
@@ -365,7 +361,7 @@ class HTTP1Connection(Protocol):
             # connection open for ever, unless it is reset.
             transport.abortConnection()
         elif self._state in (_HEAD, _BODY):
-            self.refuse(408, why="client too slow")
+            self.refuse(408)
         elif self._state == _IDLE:
             self.close()
 
@@ -411,7 +407,7 @@ class HTTP1Connection(Protocol):
                 else:
                     break
         except BadRequest as refusal:
-            self.refuse(refusal.status, why=str(refusal))
+            self.refuse(refusal.status)
         finally:
             self._processing = False
 
@@ -494,7 +490,7 @@ class HTTP1Connection(Protocol):
         verdict = self.site.resource.admit(request, request.method, request.uri)
         status = getattr(verdict, "status", None)
         if status is not None:
-            self.refuse(status, getattr(verdict, "headers", None), why="refused")
+            self.refuse(status, getattr(verdict, "headers", None))
             return False
         self.transport.write(_CONTINUE)  # type: ignore[union-attr]
         return True
@@ -594,7 +590,6 @@ class HTTP1Connection(Protocol):
         self,
         status: int,
         headers: dict[bytes, bytes] | None = None,
-        why: str = "refused",
     ) -> None:
         """
         Answer a request that cannot be read (or may not be) and close: the

@@ -120,6 +120,17 @@ class Backend:
         elif not self.in_rotation:
             self._ramp_until = 0.0
 
+    def can_take(self, exclude: Container[Backend] = ()) -> bool:
+        """
+        Whether a request may go here now: in rotation, under its cap, and
+        not one of C{exclude} (the backends a retry must avoid).
+        """
+        return (
+            self.in_rotation
+            and self.inflight < self.max_inflight
+            and self not in exclude
+        )
+
     def current_weight(self) -> float:
         """
         The weight strategies use now: the configured one, or during slow
@@ -258,6 +269,8 @@ class Pool:
         self.inflight -= 1
         if backend.retired and backend.inflight == 0:
             backend.client.close()
+        if not self.queue:
+            return
         for waiter in list(self.queue):
             if waiter in self.queue and waiter.resume(True):
                 self.cancel(waiter)
@@ -316,11 +329,6 @@ class Pool:
         if token is None:
             return None
         backend = self._by_token.get(token)
-        if (
-            backend is None
-            or not backend.in_rotation
-            or backend.inflight >= backend.max_inflight
-            or backend in exclude
-        ):
+        if backend is None or not backend.can_take(exclude):
             return None
         return backend

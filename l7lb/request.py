@@ -78,13 +78,6 @@ class ClientRequest:
 
     # What the protocol provides.
 
-    @property
-    def keeps_alive(self) -> bool:
-        """
-        Whether the connection stays open after this response.
-        """
-        return True
-
     def local_address(self) -> Any:
         """
         The address the client connected to (C{IAddress}).

@@ -300,14 +300,9 @@ class Runtime:
         else:
             self.server_tls.update(config.tls, certificates)
         if self.tls_factory is None:
-            self.tls_factory = tls_server_factory(
-                self.tls_site,
-                self.server_tls,
-                self.reactor,
-                config.lb.tls_handshake_timeout,
-            )
-        else:
-            self.tls_factory.wrappedFactory.timeout = config.lb.tls_handshake_timeout  # type: ignore[attr-defined]
+            # The handshake deadline is read from the site's limits, which
+            # every apply updates.
+            self.tls_factory = tls_server_factory(self.tls_site, self.server_tls)
 
     def _sync_health(self) -> None:
         """

@@ -24,6 +24,7 @@ from zope.interface import implementer
 from l7lb.accesslog import AccessLog
 from l7lb.config import LBConfig
 from l7lb.connlimit import ConnectionCounts
+from l7lb.deadlines import NEVER
 from l7lb.errors import describe_failure
 from l7lb.headers import HTTPDate
 from l7lb.http1 import HTTP1Connection
@@ -60,7 +61,7 @@ class NegotiatingConnection(HTTP1Connection):
         if not self._handshaking:
             super().expired()
             return
-        self.deadline = float("inf")
+        self.deadline = NEVER
         self.log.info(
             "TLS handshake with {peer} timed out after {timeout}",
             peer=self.host,
@@ -81,7 +82,7 @@ class NegotiatingConnection(HTTP1Connection):
         super().dataReceived(data)
 
     def _switch_to_http2(self) -> Any:
-        self.deadline = float("inf")
+        self.deadline = NEVER
         self.deadlines.unwatch(self)
         self._http2 = http2 = http2_connection(self.site)
         transport: Any = self.transport
@@ -91,7 +92,7 @@ class NegotiatingConnection(HTTP1Connection):
         return http2
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._handshaking and self.deadline != float("inf"):
+        if self._handshaking and self.deadline != NEVER:
             self.log.info(
                 "TLS handshake with {peer} failed: {reason}",
                 peer=self.host,

@@ -28,7 +28,6 @@ from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
     IProtocolFactory,
-    IReactorTime,
 )
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
@@ -180,12 +179,7 @@ class _TLSListenerFactory(TLSMemoryBIOFactory):
         return super().buildProtocol(addr)
 
 
-def tls_server_factory(
-    site: Any,
-    creator: ServerTLS,
-    clock: IReactorTime | None = None,
-    handshake_timeout: float | None = None,
-) -> IProtocolFactory:
+def tls_server_factory(site: Any, creator: ServerTLS) -> IProtocolFactory:
     """
     The factory for a C{tls_listen} endpoint: TLS, then the site (whose
     connections give the handshake its deadline, C{[lb]

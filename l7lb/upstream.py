@@ -153,13 +153,6 @@ class UpstreamRequest:
         self.body_length = body_length
         self.raw = raw
 
-    def all_fields(self) -> list[tuple[bytes, bytes]]:
-        """
-        Every header field, C{raw} ones parsed back.
-        """
-        lines = self.raw.split(b"\r\n")[:-1]
-        return parse_field_lines(lines).items + list(self.fields)
-
     def head(self) -> bytes:
         """
         The request line and header fields, framing included, as sent.

@@ -405,19 +405,28 @@ class Session:
         self.connection.close()
 
 
+def read_all(sock: socket.socket) -> bytes:
+    """
+    What a socket receives until the server closes (or resets) it, or
+    CLIENT_TIMEOUT passes without a byte.
+    """
+    sock.settimeout(CLIENT_TIMEOUT)
+    chunks = []
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, TimeoutError):
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _exchange(port: int, data: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT) as s:
         s.sendall(data)
-        chunks = []
-        while True:
-            try:
-                chunk = s.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return read_all(s)
 
 
 def exchange(port: int, data: bytes) -> Deferred[bytes]:

@@ -10,21 +10,7 @@ import time
 from twisted.internet import threads
 from twisted.internet.defer import inlineCallbacks
 
-from tests.support import CLIENT_TIMEOUT, IntegrationTest, Session, status_of
-
-
-def _read_all(sock: socket.socket) -> bytes:
-    sock.settimeout(CLIENT_TIMEOUT)
-    chunks = []
-    while True:
-        try:
-            chunk = sock.recv(65536)
-        except (ConnectionResetError, TimeoutError):
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    return b"".join(chunks)
+from tests.support import CLIENT_TIMEOUT, IntegrationTest, Session, read_all, status_of
 
 
 class ConnectionCapTests(IntegrationTest):
@@ -43,7 +29,7 @@ class ConnectionCapTests(IntegrationTest):
         extra = socket.create_connection(("127.0.0.1", port))
         self.addCleanup(extra.close)
         extra.sendall(b"GET /3 HTTP/1.1\r\nHost: x\r\n\r\n")
-        refused = yield threads.deferToThread(_read_all, extra)
+        refused = yield threads.deferToThread(read_all, extra)
         self.assertEqual(refused, b"")  # closed at once, unanswered
         reply = yield first.fetch("/4")  # the established ones go on
         self.assertEqual(reply.status, 200)
@@ -67,7 +53,7 @@ class ConnectionCapTests(IntegrationTest):
         extra = socket.create_connection(("127.0.0.1", port))
         self.addCleanup(extra.close)
         extra.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        refused = yield threads.deferToThread(_read_all, extra)
+        refused = yield threads.deferToThread(read_all, extra)
         self.assertEqual(refused, b"")
 
 
@@ -94,7 +80,7 @@ class BodyDeadlineTests(IntegrationTest):
                         time.sleep(0.1)
                 except OSError:
                     pass
-                return _read_all(s), time.monotonic() - started
+                return read_all(s), time.monotonic() - started
 
         answer, _ = yield threads.deferToThread(slow_upload)
         self.assertEqual(status_of(answer), 408)

@@ -7,29 +7,12 @@ framing).
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from twisted.internet import threads
 from twisted.internet.defer import inlineCallbacks
 
-from tests.support import CLIENT_TIMEOUT, IntegrationTest, Seen
-
-
-def _exchange(port: int, data: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT) as s:
-        s.sendall(data)
-        chunks = []
-        while True:
-            try:
-                chunk = s.recv(65536)
-            except (ConnectionResetError, TimeoutError):
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        return b"".join(chunks)
+from tests.support import IntegrationTest, Seen, exchange
 
 
 def statuses(raw: bytes) -> list[int]:
@@ -424,7 +407,7 @@ class HostileRequestTests(IntegrationTest):
             """
         )
         port = self.port_of(service)
-        raw = yield threads.deferToThread(_exchange, port, case.data)
+        raw = yield exchange(port, case.data)
         self.assertEqual(statuses(raw), case.answers, raw[:300])
         seen = app.requests
         self.assertEqual([(s.method, s.uri) for s in seen], case.forwarded)
@@ -435,9 +418,7 @@ class HostileRequestTests(IntegrationTest):
         upstream = b"".join(app.raw)
         self.assertNotIn(b"smuggled", upstream.lower())
         self.assertNotIn(b"SMUGGLED", upstream)
-        after = yield threads.deferToThread(
-            _exchange, port, b"GET /after HTTP/1.1\r\n" + H + CLOSE + b"\r\n"
-        )
+        after = yield exchange(port, b"GET /after HTTP/1.1\r\n" + H + CLOSE + b"\r\n")
         self.assertEqual(statuses(after), [200])
         self.assertEqual(
             [(s.method, s.uri) for s in app.requests][len(case.forwarded) :],

@@ -664,7 +664,7 @@ class ResponseWritingTests(ConnectionTestCase):
         channel, transport = self.connect()
         channel.dataReceived(get(b"/old", b"HTTP/1.0"))
         request = self.script.requests[0]
-        self.assertFalse(request.keeps_alive)
+        self.assertFalse(channel.persistent)
         request.start_response(200, b"OK", [(b"X-A", b"1")])
         request.write(b"abc")
         request.write(b"de")

@@ -24,7 +24,7 @@ from l7lb.accesslog import AccessLog
 from l7lb.balancing import balancer_for
 from l7lb.config import LBConfig, PoolConfig, RouteConfig, ServerConfig
 from l7lb.deadlines import TICKS_PER_SECOND
-from l7lb.fields import Fields
+from l7lb.fields import Fields, parse_field_lines
 from l7lb.outlier import PassiveHealth
 from l7lb.pool import Backend, Pool
 from l7lb.proxy import Forwarder
@@ -146,7 +146,8 @@ class InMemoryUpstream:
     def send(self, request, receiver):
         self.calls += 1
         headers = Headers()
-        for name, value in request.all_fields():
+        raw_lines = request.raw.split(b"\r\n")[:-1]
+        for name, value in parse_field_lines(raw_lines).items + request.fields:
             headers.addRawHeader(name, value)
         body = request.body
         if body is not None and not isinstance(body, bytes):
